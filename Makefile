@@ -1,0 +1,39 @@
+# SpikeStream: two commands do all the set-up.
+#   make demo   creates .venv, installs, runs the built-in scene with the shipped weights
+#   make test   creates .venv, installs, runs the whole suite
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench soak eval venv clean
+
+venv: $(STAMP)
+
+# torch goes in first and alone: unpinned, a dependency resolver would fetch a multi-GB CUDA
+# build. A GPU user installs their CUDA torch into .venv before running make (see README).
+$(STAMP): requirements.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) run.py --source synthetic --duration 5 --sink overlay
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+bench: $(STAMP)
+	$(VPY) -m benchmarks.run
+
+soak: $(STAMP)
+	$(VPY) -m benchmarks.soak
+
+eval: $(STAMP)
+	$(VPY) run.py eval --benchmark
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

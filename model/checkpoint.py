@@ -1,0 +1,160 @@
+"""Checkpoints: one ``torch.save`` file of tensors and plain types, loaded with ``weights_only=True`` only.
+
+Format ``spikestream.ckpt.v1`` (a dict)::
+
+    format    "spikestream.ckpt.v1"
+    w1        (4, C_in, 5, 5) float32   fixed Conv1 (recomputed from the config on load; stored for readers)
+    w2        (36, 4, 5, 5) float32     learned
+    w3        (n_classes, 36, 7, 7)     learned
+    theta1/2/3  (C, 1, 1) float32       per-channel thresholds (learning may adapt them)
+    config    dict                      the resolved ``model`` section, plain YAML-able values
+    metadata  dict                      how it was made, e.g. {"trained": False, "note": ...}
+
+Weights are size-independent (convolutions), so a checkpoint from one resolution runs at
+any other.  Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)``
+refuses anything but tensors and plain containers (a crafted pickle whose ``__reduce__``
+would run code is rejected before it runs).  Keys are strict: a missing or unknown key is
+an error, never silently ignored.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from stream.config import to_dict
+from stream.node import NodeError, UsageError
+
+from .config import ModelConfig
+from .encoder import N_CONV2, Encoder
+
+FORMAT = "spikestream.ckpt.v1"
+KEYS = frozenset({"format", "w1", "w2", "w3", "theta1", "theta2", "theta3", "config", "metadata"})
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
+
+
+class Checkpoint(NamedTuple):
+    """A loaded, validated checkpoint (tensors on CPU)."""
+
+    w1: Tensor
+    w2: Tensor
+    w3: Tensor
+    thetas: tuple[Tensor, Tensor, Tensor]
+    config: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+def save_checkpoint(path: str | Path, encoder: Encoder, metadata: dict[str, Any]) -> None:
+    """Write ``encoder``'s weights, thresholds and config to ``path`` (format v1)."""
+    payload = {
+        "format": FORMAT,
+        "w1": encoder.w1.detach().cpu().clone(),
+        "w2": encoder.w2.detach().cpu().clone(),
+        "w3": encoder.w3.detach().cpu().clone(),
+        "theta1": encoder.theta1.detach().cpu().clone(),
+        "theta2": encoder.theta2.detach().cpu().clone(),
+        "theta3": encoder.theta3.detach().cpu().clone(),
+        "config": to_dict(encoder.cfg),
+        "metadata": dict(metadata),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, str(path))
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Load and check the structure of a checkpoint file; one-line errors.
+
+    UsageError: missing file (user input).  NodeError: not a checkpoint, pickled code
+    refused, wrong format version, missing/unknown keys, wrong tensor shapes.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"checkpoint {p} not found; pass an existing .pt file to --weights or omit it for the default")
+    try:
+        data = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NodeError(
+            f"checkpoint {p} refused: it holds pickled objects other than tensors ({first[:120]}); "
+            "only spikestream.ckpt.v1 files are loaded, never arbitrary pickles"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise NodeError(f"{p} is not a SpikeStream checkpoint ({type(e).__name__}); pass a file written by save_checkpoint") from None
+    if not isinstance(data, dict) or data.get("format") is None:
+        raise NodeError(f"{p} is not a SpikeStream checkpoint (no 'format' key); pass a file written by save_checkpoint")
+    if data["format"] != FORMAT:
+        raise NodeError(f"checkpoint {p} has format {data['format']!r}; this version reads {FORMAT!r} only")
+    missing, unknown = sorted(KEYS - set(data)), sorted(set(data) - KEYS)
+    if missing or unknown:
+        raise NodeError(f"checkpoint {p} is malformed: missing keys {missing}, unknown keys {unknown}; re-save it")
+    for k in ("w1", "w2", "w3", "theta1", "theta2", "theta3"):
+        if not isinstance(data[k], Tensor) or not data[k].is_floating_point():
+            raise NodeError(f"checkpoint {p}: {k} is not a float tensor; re-save it")
+        if data[k].dim() != (4 if k.startswith("w") else 3):
+            raise NodeError(f"checkpoint {p}: {k} has shape {tuple(data[k].shape)}, not a weight/threshold shape; re-save it")
+    if not isinstance(data["config"], dict) or not isinstance(data["metadata"], dict):
+        raise NodeError(f"checkpoint {p}: config and metadata must be mappings; re-save it")
+    return Checkpoint(
+        w1=data["w1"].float(),
+        w2=data["w2"].float(),
+        w3=data["w3"].float(),
+        thetas=(data["theta1"].float(), data["theta2"].float(), data["theta3"].float()),
+        config=data["config"],
+        metadata=data["metadata"],
+    )
+
+
+def apply_checkpoint(encoder: Encoder, ckpt: Checkpoint, where: str = "checkpoint") -> None:
+    """Copy the learned weights and thresholds into ``encoder`` after checking shapes against its config.
+
+    W1 is not copied: it is defined by the config (``conv1``, ``conv1_gain``, input channels);
+    only its feature count and kernel size are checked, so one checkpoint serves 1- and
+    2-channel input.  Thresholds: a trained checkpoint (``metadata["trained"] is True``) may
+    carry adapted thresholds, which then win; an untrained one (the shipped default) leaves
+    the config's thresholds, so presets and ``theta*`` overrides keep working with it.
+    """
+    n_cfg, n_ck = encoder.n_classes, ckpt.w3.shape[0]
+    if ckpt.w3.dim() != 4 or n_ck != n_cfg:
+        raise UsageError(
+            f"{where} has n_classes={n_ck}, config has {n_cfg}; pass --n-classes {n_ck} or another checkpoint"
+        )
+    expect = {
+        "w1": (ckpt.w1[:, :1], (encoder.w1.shape[0], 1, 5, 5)),
+        "w2": (ckpt.w2, (N_CONV2, 4, 5, 5)),
+        "w3": (ckpt.w3, (n_cfg, N_CONV2, 7, 7)),
+        "theta1": (ckpt.thetas[0], tuple(encoder.theta1.shape)),
+        "theta2": (ckpt.thetas[1], tuple(encoder.theta2.shape)),
+        "theta3": (ckpt.thetas[2], tuple(encoder.theta3.shape)),
+    }
+    for name, (t, shape) in expect.items():
+        if tuple(t.shape) != shape:
+            raise UsageError(
+                f"{where}: {name} has shape {tuple(t.shape)}, the config needs {shape} "
+                "(Conv1 input channels / layer sizes differ); use a checkpoint made for this config"
+            )
+    with torch.no_grad():
+        encoder.w2.copy_(ckpt.w2)
+        encoder.w3.copy_(ckpt.w3)
+        if ckpt.metadata.get("trained") is not True:
+            return
+        encoder.theta1.copy_(ckpt.thetas[0])
+        encoder.theta2.copy_(ckpt.thetas[1])
+        encoder.theta3.copy_(ckpt.thetas[2])
+
+
+def load_into(encoder: Encoder, path: str | Path | None) -> Checkpoint:
+    """Read ``path`` (None = the shipped default) and apply it to ``encoder``."""
+    p = Path(path) if path is not None else DEFAULT_WEIGHTS
+    ckpt = read_checkpoint(p)
+    apply_checkpoint(encoder, ckpt, where=f"checkpoint {p}")
+    return ckpt
+
+
+def make_default_weights(path: str | Path = DEFAULT_WEIGHTS, in_channels: int = 2) -> None:
+    """Write the shipped default: paper initialisation (seed 42), fixed Conv1, untrained, 1 class."""
+    enc = Encoder(ModelConfig(seed=42, n_classes=1), in_channels)
+    save_checkpoint(path, enc, {"trained": False, "note": "paper initialisation, untrained", "seed": 42})

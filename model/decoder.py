@@ -1,0 +1,115 @@
+"""Tied SpikeSEG decoder (no parameters of its own) and the mask window.
+
+For one step's classification spikes S3 and the same step's pooling indices::
+
+    D3 = conv_transpose2d(S3_k, W3, padding=3)                   for each class k separately
+    U2 = max_unpool2d(D3, idx2, 2, output_size=(H2, W2))   [* S2 if gate]
+    D2 = conv_transpose2d(U2, W2, padding=2)
+    U1 = max_unpool2d(D2, idx1, 2, output_size=(H1, W1))   [* S1 if gate]
+    D1 = conv_transpose2d(U1, W1, padding=2)
+    saliency_k = sum over C_in of D1                              (n_classes, H, W)
+    mask = 0 where max_k saliency_k <= decoder_threshold, else 1 + argmax_k saliency_k   (uint8)
+
+Classes are decoded separately by putting class k alone in batch row k (one pass for all
+classes).  The gate (``decoder_gate``, default on) multiplies each unpooled map by the
+encoder's pre-pool spikes of the same step, so the mask follows the pixels that actually
+spiked rather than the whole dilated receptive field; without it one Conv3 spike lights a
+~40x40 pixel square, which swallows small objects (satellites) into blobs.
+
+No class spike means an empty mask: :func:`decode_mask` is only worth calling when
+``has_spikes``; the node checks that flag (one host sync per step on the 0-dim bool; on
+CPU that costs nothing, on CUDA it is the one sync we accept besides copying the mask).
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .encoder import EncoderOutput
+
+
+def _unpool(d: Tensor, idx: Tensor, size: tuple[int, int], n_rep: int) -> Tensor:
+    """max_unpool2d of ``d`` (n_rep * B, C, h, w) with indices (B, C, h, w) repeated per class."""
+    if n_rep > 1:
+        idx = idx.repeat(n_rep, 1, 1, 1)
+    return F.max_unpool2d(d, idx, 2, stride=2, output_size=size)
+
+
+def decode_saliency(out: EncoderOutput, w1: Tensor, w2: Tensor, w3: Tensor, gate: bool) -> Tensor:
+    """Per-class saliency (B, n_classes, H, W) for one step (equations in the module docstring)."""
+    s3 = out.classification_spikes
+    b, n, h3, w3s = s3.shape
+    idx1, idx2 = out.pooling_indices
+    size1, size2 = out.pooling_output_sizes
+    if n == 1:
+        x = s3
+    else:
+        # row (k, b) holds class k of stream b only: x[k*B + b, c] = s3[b, c] * (c == k)
+        eye = torch.eye(n, dtype=s3.dtype, device=s3.device)
+        x = (eye[:, None, :, None, None] * s3[None]).reshape(n * b, n, h3, w3s)
+    d = F.conv_transpose2d(x, w3, padding=3)
+    d = _unpool(d, idx2, size2, n)
+    if gate:
+        d = d * out.layer_spikes["conv2"].repeat(n, 1, 1, 1)
+    d = F.conv_transpose2d(d, w2, padding=2)
+    d = _unpool(d, idx1, size1, n)
+    if gate:
+        d = d * out.layer_spikes["conv1"].repeat(n, 1, 1, 1)
+    d = F.conv_transpose2d(d, w1, padding=2)
+    sal = d.sum(dim=1)  # (n * B, H, W), row k*B + b
+    return sal.reshape(n, b, *sal.shape[-2:]).transpose(0, 1)
+
+
+def saliency_to_mask(sal: Tensor, threshold: float) -> Tensor:
+    """(B, n, H, W) saliency -> (B, H, W) uint8: 0 where max <= threshold, else 1 + argmax class."""
+    best, cls = sal.max(dim=1)
+    return torch.where(best > threshold, cls + 1, torch.zeros_like(cls)).to(torch.uint8)
+
+
+def decode_mask(out: EncoderOutput, w1: Tensor, w2: Tensor, w3: Tensor, gate: bool, threshold: float) -> Tensor:
+    """One step's raw mask (B, H, W) uint8 (see module docstring)."""
+    return saliency_to_mask(decode_saliency(out, w1, w2, w3, gate), threshold)
+
+
+class MaskWindowState(NamedTuple):
+    """Mask window memory: ``union`` keeps the last N raw masks, ``decay`` a per-class presence map."""
+
+    recent: tuple[Tensor, ...]
+    presence: Tensor | None
+
+
+def window_step(
+    raw: Tensor,
+    state: MaskWindowState | None,
+    n: int,
+    mode: Literal["union", "decay"],
+    decay: float,
+    n_classes: int,
+) -> tuple[Tensor, MaskWindowState]:
+    """Combine the raw mask (H, W) uint8 of this step with the last ones.
+
+    union: a pixel lit in any of the last ``n`` raw masks keeps the class of its newest lighting.
+    decay: ``A_k <- decay * A_k + [raw == k]``; pixel = 1 + argmax_k A_k where
+    ``max_k A_k >= decay ** (n - 1)`` (lit once: kept n steps; lit often: kept longer).
+    ``n == 1`` returns ``raw`` unchanged.
+    """
+    if n == 1:
+        return raw, MaskWindowState((), None)
+    if mode == "union":
+        recent = ((state.recent if state is not None else ()) + (raw,))[-n:]
+        out = recent[0]
+        for m in recent[1:]:
+            out = torch.where(m > 0, m, out)
+        return out, MaskWindowState(recent, None)
+    if mode == "decay":
+        onehot = torch.stack([(raw == k + 1) for k in range(n_classes)]).to(torch.float32)
+        pres = onehot if state is None or state.presence is None else state.presence * decay + onehot
+        best, cls = pres.max(dim=0)
+        # 1e-6 slack: decay ** (n - 1) computed in float64 vs repeated float32 products
+        keep = best >= (decay ** (n - 1)) * (1 - 1e-6)
+        out = torch.where(keep, cls + 1, torch.zeros_like(cls)).to(torch.uint8)
+        return out, MaskWindowState((), pres)
+    raise ValueError(f"mask_window_mode {mode!r} is not allowed; use 'union' or 'decay'")

@@ -1,0 +1,1024 @@
+"""Event-driven SpikeSEG: the dense equations of ``model/encoder.py`` and ``model/decoder.py``
+computed only where input landed, with spikes identical to the dense path.
+
+Per step, with the same symbols as the encoder docstring::
+
+    I1 = conv2d(x, W1, padding=2)      S1, V1 = LIF(I1)      P1, idx1 = maxpool2(S1)
+    I2 = conv2d(P1, W2, padding=2)     S2, V2 = LIF(I2)      P2, idx2 = maxpool2(S2)
+    I3 = conv2d(P2, W3, padding=3)     S3, V3 = IF(I3)
+    mask = decoder(S3, idx2, idx1 [, S2, S1 gate])
+
+Why it is exact and cheap (PERF-NOTES):
+
+* **Scatter instead of conv.**  ``I[o] = sum_i W[o - i] x[i]`` is accumulated from the
+  non-zero inputs only: each active input adds its kernel into a float64 buffer.  The
+  neurons so touched are the only ones whose current is non-zero.
+* **Lazy leak.**  A neuron without input only leaks: subtractive ``V <- max(V - lambda, 0)``,
+  multiplicative ``V <- beta V``; neither can lift ``V`` to ``theta > 0`` (V < theta after a
+  step, and ``beta <= 1``, ``lambda >= 0``).  So an untouched neuron never spikes and its
+  update can wait until it is next touched.  Then the missed leak steps are replayed so
+  that the float32 result is bit-identical to the dense per-step updates: in closed form
+  ``max(v - k lambda, 0)`` where that is exact in float32 (lambda a multiple of ulp(v), see
+  :func:`exact_leak_limit`; always for lambda = 1 or 9), else one step at a time,
+  stopping as soon as ``V == 0`` (multiplicative: ``V <- beta V`` k times).
+* **Pooling from spikes.**  ``P[c, py, px] = 1`` iff a spike lies in the window; torch's
+  index is the first spike in row-major window order, else the window's top-left (all-zero
+  window: the first element wins the tie).  Only spiking windows are stored.
+* **Decoder from Conv3 spikes.**  The decoder is linear in S3, so the saliency is a scatter
+  of ``W3`` at each S3 spike, unpooled through the stored window offsets (gated: only
+  spiking windows survive, at their first spike), scattered through ``W2``, unpooled,
+  scattered through ``sum_cin W1``.  No S3 spike: empty mask, no work.  Values are exact
+  sums (float64), not reachability, because W1 is signed (zero-mean Gabor/DoG kernels):
+  "saliency > 0" is not "reachable" at the last stage.
+
+Float arithmetic (the contract with the dense path):
+
+* currents are summed in float64 and rounded once to float32; membranes, leaks and
+  thresholds are float32 with the dense path's operation order (``(V + I) - lambda``,
+  ``I + beta V``).  Spikes are therefore bit-identical whenever the dense float32 conv
+  returns the correctly rounded sum, which holds whenever every partial sum is exact in
+  float32 (e.g. weights on a 2^-12 grid with sums < 2^11).  Otherwise float32 conv and this
+  path may differ in the last bit of I, which flips a spike only if ``V + I - lambda`` lies
+  within a few ulps (~1e-6 relative) of ``theta``; the tests measure it (zero flips seen).
+* the mask compares a float64 saliency with ``decoder_threshold + decoder_eps``.  Where the
+  exact saliency is 0 by cancellation of the signed W1 (zero-mean kernel over a uniform
+  patch), the dense float32 path returns rounding noise of either sign, so no two
+  implementations agree there; ``decoder_eps`` (e.g. 1e-4) removes that band in both.
+
+State (:class:`SparseState`) is explicit and channels-last; :meth:`SparseSpikeSEG.step`
+updates its arrays **in place** and returns it (copying 4 x H x W membranes per step would
+cost more than the step); a fresh state is ``None``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+from numba import njit
+
+LEAK_CODES = {"subtractive": 0, "multiplicative": 1, "none": 2}
+
+
+# --------------------------------------------------------------------------- kernels
+@njit(cache=True)
+def _active_from_frame(
+    frame: np.ndarray, bits: np.ndarray, hw: int, binary: bool, pos: np.ndarray, ch: np.ndarray, val: np.ndarray
+) -> int:
+    """Non-zero entries of a flat (C*H*W) float32 frame as (flat y*W+x, channel, value); returns the count.
+
+    ``bits`` is the same memory viewed as uint64: blocks of 16 floats whose bits are all
+    zero are skipped with 8 word tests (event frames are >= 95 % zeros); -0.0 has a bit set
+    and is then rejected by the value test.
+    """
+    n = 0
+    nw = bits.shape[0]
+    blk = 8
+    for b0 in range(0, nw, blk):
+        b1 = min(b0 + blk, nw)
+        acc = np.uint64(0)
+        for j in range(b0, b1):
+            acc |= bits[j]
+        if acc == 0:
+            continue
+        for i in range(2 * b0, 2 * b1):
+            v = frame[i]
+            keep = v > 0 if binary else v != 0
+            if keep:
+                c = i // hw
+                pos[n] = i - c * hw
+                ch[n] = c
+                val[n] = np.float32(1.0) if binary else v
+                n += 1
+    return n
+
+
+@njit(cache=True)
+def _active_from_events(
+    xs: np.ndarray, ys: np.ndarray, ps: np.ndarray, c_n: int, h: int, w: int, binary: bool,
+    count: np.ndarray, pos: np.ndarray, ch: np.ndarray, val: np.ndarray,
+) -> int:
+    """Events -> the same active list as the frame of counts would give (``count`` is zero scratch)."""
+    n = 0
+    for i in range(xs.shape[0]):
+        x = np.int64(xs[i])
+        y = np.int64(ys[i])
+        if x < 0 or y < 0 or x >= w or y >= h:
+            continue
+        c = np.int64(ps[i]) if c_n == 2 else np.int64(0)
+        o = (y * w + x) * c_n + c
+        if count[o] == 0:
+            pos[n] = y * w + x
+            ch[n] = c
+            n += 1
+        count[o] += 1
+    for j in range(n):
+        o = pos[j] * c_n + ch[j]
+        val[j] = np.float32(1.0) if binary else np.float32(count[o])
+        count[o] = 0
+    return n
+
+
+@njit(cache=True)
+def _layer(
+    src_pos: np.ndarray, src_ch: np.ndarray, src_val: np.ndarray, n_src: int, wi: int,
+    wt: np.ndarray, pad: int, ho: int, wo: int,
+    cur: np.ndarray, v_mem: np.ndarray, last: np.ndarray, fired: np.ndarray, mark: np.ndarray,
+    touched: np.ndarray, t: int, theta: np.ndarray, mode: int, lam: np.float32, beta: np.float32,
+    exact_below: np.float32, fire_once: bool, spikes: np.ndarray,
+) -> int:
+    """One conv + neuron layer, event-driven; returns the number of spikes written to ``spikes``.
+
+    Scatter: ``I[oy, ox, co] += val * W[co, ci, ky, kx]`` at ``oy = y - ky + pad`` (conv2d
+    semantics), float64, for every active input.  ``wt`` is W as float64 (ci, K, K, co) so
+    the innermost loop runs over contiguous output channels.  Touched 2-D positions are
+    listed once per step (``mark == t``).  Then at touched positions only: replay the
+    missed leak steps, apply this step's update in float32, threshold, reset.  Below
+    ``exact_below`` (see :func:`exact_leak_limit`) the replay is done in closed form.
+    Spikes are flat channels-last indices ``(oy * wo + ox) * C + co``.
+    """
+    co_n = wt.shape[3]
+    k_n = wt.shape[1]
+    nt = 0
+    for s in range(n_src):
+        p = src_pos[s]
+        y = p // wi
+        x = p - y * wi
+        ci = src_ch[s]
+        v = np.float64(src_val[s])
+        for ky in range(k_n):
+            oy = y - ky + pad
+            if oy < 0 or oy >= ho:
+                continue
+            for kx in range(k_n):
+                ox = x - kx + pad
+                if ox < 0 or ox >= wo:
+                    continue
+                o = oy * wo + ox
+                if mark[o] != t:
+                    mark[o] = t
+                    touched[nt] = o
+                    nt += 1
+                base = o * co_n
+                for co in range(co_n):
+                    cur[base + co] += v * wt[ci, ky, kx, co]
+    zero = np.float32(0.0)
+    ns = 0
+    for j in range(nt):
+        o = touched[j]
+        k = t - 1 - last[o]
+        last[o] = t
+        base = o * co_n
+        for co in range(co_n):
+            e = base + co
+            v32 = v_mem[e]
+            # replay the k input-free steps exactly as the dense path computes them
+            if mode == 0 and lam > 0 and k > 0 and v32 > zero and v32 < exact_below:
+                # closed form, exact here: lambda is a multiple of ulp(v), so every replayed
+                # subtraction is exact and k of them equal one subtraction of k * lambda
+                r = np.float64(v32) - np.float64(k) * np.float64(lam)
+                v32 = np.float32(r) if r > 0 else zero
+            elif mode == 0 and lam > 0:
+                for _ in range(k):
+                    if v32 <= zero:
+                        break
+                    v32 = v32 - lam
+                    if v32 < zero:
+                        v32 = zero
+            elif mode == 1 and beta < 1:
+                for _ in range(k):
+                    if v32 == zero:
+                        break
+                    v32 = np.float32(np.float64(beta) * np.float64(v32))
+            i32 = np.float32(cur[e])
+            cur[e] = 0.0
+            if mode == 0:
+                v32 = (v32 + i32) - lam
+                if v32 < zero:
+                    v32 = zero
+            elif mode == 1:
+                # torch.add(i, v, alpha=beta) is a fused multiply-add on CPU: beta*v is exact
+                # in float64, one more rounding for the sum (double rounding: see module doc)
+                v32 = np.float32(np.float64(i32) + np.float64(beta) * np.float64(v32))
+            else:
+                v32 = v32 + i32
+            if v32 >= theta[co] and not (fire_once and fired[e] != 0):
+                spikes[ns] = e
+                ns += 1
+                v32 = zero
+                if fire_once:
+                    fired[e] = 1
+            v_mem[e] = v32
+    return ns
+
+
+@njit(cache=True)
+def _pool(
+    spikes: np.ndarray, ns: int, c_n: int, w: int, hp: int, wp: int, t: int,
+    pmark: np.ndarray, poff: np.ndarray, plist: np.ndarray, head: np.ndarray, hmark: np.ndarray,
+    nxt: np.ndarray, out_pos: np.ndarray, out_ch: np.ndarray, out_val: np.ndarray, out_off: np.ndarray,
+) -> int:
+    """2x2/2 max pooling of binary spikes (floor mode) with torch's first-max-wins index.
+
+    Output entries (pooled flat position, channel, value 1, window offset 0..3 of the first
+    spike in row-major order); ``head``/``nxt`` link the entries of each pooled position.
+    """
+    n = 0
+    for j in range(ns):
+        e = spikes[j]
+        p = e // c_n
+        c = e - p * c_n
+        y = p // w
+        x = p - y * w
+        py = y >> 1
+        px = x >> 1
+        if py >= hp or px >= wp:
+            continue
+        q = (py * wp + px) * c_n + c
+        off = (y & 1) * 2 + (x & 1)
+        if pmark[q] != t:
+            pmark[q] = t
+            poff[q] = off
+            plist[n] = q
+            n += 1
+        elif off < poff[q]:
+            poff[q] = off
+    # sort for a deterministic, raster-ordered output independent of the scatter order
+    srt = np.sort(plist[:n])
+    for j in range(n):
+        q = srt[j]
+        pq = q // c_n
+        out_pos[j] = pq
+        out_ch[j] = q - pq * c_n
+        out_val[j] = np.float32(1.0)
+        out_off[j] = poff[q]
+        if hmark[pq] != t:
+            hmark[pq] = t
+            head[pq] = -1
+        nxt[j] = head[pq]
+        head[pq] = j
+    return n
+
+
+@njit(cache=True)
+def _scatter5(
+    val: float, wt: np.ndarray, ci: int, ty: int, tx: int, h: int, w: int, stamp: int,
+    acc: np.ndarray, mark: np.ndarray, lst: np.ndarray, n: int,
+) -> int:
+    """Transposed-conv scatter of one unpooled value: ``acc[ty+ky-2, tx+kx-2, :] += val * wt[ci, ky, kx, :]``."""
+    c_n = wt.shape[3]
+    for ky in range(5):
+        oy = ty + ky - 2
+        if oy < 0 or oy >= h:
+            continue
+        for kx in range(5):
+            ox = tx + kx - 2
+            if ox < 0 or ox >= w:
+                continue
+            o = oy * w + ox
+            if mark[o] != stamp:
+                mark[o] = stamp
+                lst[n] = o
+                n += 1
+            base = o * c_n
+            for c in range(c_n):
+                acc[base + c] += val * wt[ci, ky, kx, c]
+    return n
+
+
+@njit(cache=True)
+def _decode(
+    spk_pos: np.ndarray, n_spk: int, k: int, w3t: np.ndarray, w2t: np.ndarray, k1t: np.ndarray,
+    w4: int, h2: int, w2: int, h: int, w: int,
+    p2_head: np.ndarray, p2_hmark: np.ndarray, p2_next: np.ndarray, p2_pos: np.ndarray, p2_ch: np.ndarray,
+    p2_off: np.ndarray, n_p2: int,
+    p1_head: np.ndarray, p1_hmark: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
+    t: int, gate: bool, stamp: int,
+    d3: np.ndarray, d3mark: np.ndarray, d3list: np.ndarray,
+    d2: np.ndarray, d2mark: np.ndarray, d2list: np.ndarray, d2pos: np.ndarray,
+    sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
+) -> tuple[int, int]:
+    """Saliency of class ``k`` from the given S3 spikes (flat positions on the H/4 grid).
+
+    D3 = convT(S3_k, W3, pad 3) -> unpool(idx2) [gate: x S2, i.e. spiking windows only, at
+    their first spike] -> D2 = convT(., W2, pad 2) -> unpool(idx1) [gate: x S1] ->
+    saliency = convT(., K1 = sum_cin W1, pad 2).  Leaves the saliency in ``sal`` at the
+    ``sallist`` positions (the caller reads and zeroes it) and the Conv2-grid positions with
+    positive D2 in ``d2pos`` (ASH support).  Returns (n_d2pos, n_sal).  ``stamp`` must be
+    unique per call.
+
+    D3 is computed by scatter (49 x 36 adds per spike) or, gated and with many spikes, by
+    gather at the P2 entries only (49 lookups each): same sums in another order (float64).
+    """
+    c2 = w3t.shape[3]
+    c1 = w2t.shape[3]
+    h4 = d3mark.shape[0] // w4
+    n2 = 0
+    if gate and n_spk * c2 > n_p2:
+        for s in range(n_spk):
+            d3mark[spk_pos[s]] = stamp
+        for e in range(n_p2):
+            q = p2_pos[e]
+            ci = p2_ch[e]
+            qy = q // w4
+            qx = q - qy * w4
+            val = 0.0
+            hit = False
+            for ky in range(7):
+                sy = qy - ky + 3
+                if sy < 0 or sy >= h4:
+                    continue
+                for kx in range(7):
+                    sx = qx - kx + 3
+                    if sx < 0 or sx >= w4:
+                        continue
+                    if d3mark[sy * w4 + sx] == stamp:
+                        val += w3t[k, ky, kx, ci]
+                        hit = True
+            if hit:
+                off = p2_off[e]
+                n2 = _scatter5(val, w2t, ci, 2 * qy + (off >> 1), 2 * qx + (off & 1), h2, w2, stamp,
+                               d2, d2mark, d2list, n2)
+    else:
+        n3 = 0
+        for s in range(n_spk):
+            p = spk_pos[s]
+            y = p // w4
+            x = p - y * w4
+            for ky in range(7):
+                oy = y + ky - 3
+                if oy < 0 or oy >= h4:
+                    continue
+                for kx in range(7):
+                    ox = x + kx - 3
+                    if ox < 0 or ox >= w4:
+                        continue
+                    o = oy * w4 + ox
+                    if d3mark[o] != stamp:
+                        d3mark[o] = stamp
+                        d3list[n3] = o
+                        n3 += 1
+                    base = o * c2
+                    for ci in range(c2):
+                        d3[base + ci] += w3t[k, ky, kx, ci]
+        offs = np.zeros(c2, dtype=np.int64)
+        for j in range(n3):
+            q = d3list[j]
+            qy = q // w4
+            qx = q - qy * w4
+            has = p2_hmark[q] == t
+            if gate:
+                if not has:
+                    continue
+                e = p2_head[q]
+                while e >= 0:
+                    ci = p2_ch[e]
+                    off = p2_off[e]
+                    n2 = _scatter5(d3[q * c2 + ci], w2t, ci, 2 * qy + (off >> 1), 2 * qx + (off & 1), h2, w2,
+                                   stamp, d2, d2mark, d2list, n2)
+                    e = p2_next[e]
+            else:
+                offs[:] = 0
+                if has:
+                    e = p2_head[q]
+                    while e >= 0:
+                        offs[p2_ch[e]] = p2_off[e]
+                        e = p2_next[e]
+                for ci in range(c2):
+                    off = offs[ci]
+                    n2 = _scatter5(d3[q * c2 + ci], w2t, ci, 2 * qy + (off >> 1), 2 * qx + (off & 1), h2, w2,
+                                   stamp, d2, d2mark, d2list, n2)
+        for j in range(n3):
+            base = d3list[j] * c2
+            for ci in range(c2):
+                d3[base + ci] = 0.0
+    # unpool 1 + saliency scatter through K1 = sum_cin W1 (k1t is (4, 5, 5, 1))
+    ns = 0
+    nd = 0
+    offs1 = np.zeros(c1, dtype=np.int64)
+    for j in range(n2):
+        q = d2list[j]
+        qy = q // w2
+        qx = q - qy * w2
+        pos_any = False
+        for c in range(c1):
+            if d2[q * c1 + c] > 0:
+                pos_any = True
+        if pos_any:
+            d2pos[nd] = q
+            nd += 1
+        has = p1_hmark[q] == t
+        if gate:
+            if not has:
+                continue
+            e = p1_head[q]
+            while e >= 0:
+                c = p1_ch[e]
+                off = p1_off[e]
+                ns = _scatter5(d2[q * c1 + c], k1t, c, 2 * qy + (off >> 1), 2 * qx + (off & 1), h, w, stamp,
+                               sal, salmark, sallist, ns)
+                e = p1_next[e]
+        else:
+            offs1[:] = 0
+            if has:
+                e = p1_head[q]
+                while e >= 0:
+                    offs1[p1_ch[e]] = p1_off[e]
+                    e = p1_next[e]
+            for c in range(c1):
+                off = offs1[c]
+                ns = _scatter5(d2[q * c1 + c], k1t, c, 2 * qy + (off >> 1), 2 * qx + (off & 1), h, w, stamp,
+                               sal, salmark, sallist, ns)
+    for j in range(n2):
+        base = d2list[j] * c1
+        for c in range(c1):
+            d2[base + c] = 0.0
+    return nd, ns
+
+
+@njit(cache=True)
+def _mask_into(
+    mask: np.ndarray, best: np.ndarray, bestmark: np.ndarray, stamp0: int, cls: int,
+    sal: np.ndarray, sallist: np.ndarray, ns: int, cut: float,
+) -> None:
+    """``mask = cls + 1`` where ``sal > cut`` and it beats earlier classes (first max wins); zero ``sal``."""
+    for j in range(ns):
+        o = sallist[j]
+        v = sal[o]
+        sal[o] = 0.0
+        if v > cut:
+            if bestmark[o] != stamp0 or v > best[o]:
+                bestmark[o] = stamp0
+                best[o] = v
+                mask[o] = cls + 1
+
+
+@njit(cache=True)
+def _decode_batch(
+    spikes: np.ndarray, n_cls: int, cut: float, w3t: np.ndarray, w2t: np.ndarray, k1t: np.ndarray,
+    w4: int, h2: int, w2: int, h: int, w: int,
+    p2_head: np.ndarray, p2_hmark: np.ndarray, p2_next: np.ndarray, p2_pos: np.ndarray, p2_ch: np.ndarray,
+    p2_off: np.ndarray, n_p2: int,
+    p1_head: np.ndarray, p1_hmark: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
+    t: int, gate: bool, stamp0: int,
+    d3: np.ndarray, d3mark: np.ndarray, d3list: np.ndarray,
+    d2: np.ndarray, d2mark: np.ndarray, d2list: np.ndarray, d2pos: np.ndarray,
+    sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
+    offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray,
+) -> int:
+    """Decode each S3 spike on its own (one-hot S3), all B spikes in one call.
+
+    ``spikes``: flat channels-last S3 indices ``pos * n_cls + k``.  Instance b's support
+    (pixels with saliency > ``cut``) is ``pixels[offsets[b]:offsets[b + 1]]`` (flat y*W+x,
+    ascending) and ``bboxes[b] = (x0, y0, x1, y1)`` inclusive, (-1, ...) when empty.
+    Stamps ``stamp0 + 1 .. stamp0 + B`` are used.  Returns the total number of pixels.
+    """
+    one = np.zeros(1, dtype=np.int64)
+    total = 0
+    for b in range(spikes.shape[0]):
+        e = spikes[b]
+        one[0] = e // n_cls
+        k = e - one[0] * n_cls
+        _nd, ns = _decode(one, 1, k, w3t, w2t, k1t, w4, h2, w2, h, w,
+                          p2_head, p2_hmark, p2_next, p2_pos, p2_ch, p2_off, n_p2,
+                          p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, gate, stamp0 + 1 + b,
+                          d3, d3mark, d3list, d2, d2mark, d2list, d2pos, sal, salmark, sallist)
+        offsets[b] = total
+        x0, y0, x1, y1 = w, h, -1, -1
+        start = total
+        for j in range(ns):
+            o = sallist[j]
+            v = sal[o]
+            sal[o] = 0.0
+            if v > cut:
+                pixels[total] = o
+                total += 1
+                y = o // w
+                x = o - y * w
+                x0 = min(x0, x)
+                x1 = max(x1, x)
+                y0 = min(y0, y)
+                y1 = max(y1, y)
+        pixels[start:total] = np.sort(pixels[start:total])
+        if x1 < 0:
+            x0, y0 = -1, -1
+        bboxes[b, 0] = x0
+        bboxes[b, 1] = y0
+        bboxes[b, 2] = x1
+        bboxes[b, 3] = y1
+    offsets[spikes.shape[0]] = total
+    return total
+
+
+# --------------------------------------------------------------------------- python side
+def exact_leak_limit(lam: float) -> np.float32:
+    """The largest power of two P such that every float32 ``v < P`` has ``ulp(v)`` dividing ``lam``.
+
+    Then ``v - lam`` is exact for ``lam <= v < P`` (and rounds to a negative number, floored
+    to 0, when ``v < lam``), so ``k`` replayed leak steps equal ``max(v - k lam, 0)`` exactly.
+    lambda = 1 or 9 (IGARSS) give P = 2^24: always exact; lambda = 0.09 gives P = 2^-3, so
+    the kernel replays step by step instead.  ``lam = 0``: no leak, returns 0 (unused).
+    """
+    lam32 = float(np.float32(lam))
+    if lam32 <= 0:
+        return np.float32(0.0)
+    m, e = math.frexp(lam32)  # lam = m * 2^e, 0.5 <= m < 1, m has <= 24 significant bits
+    mant = int(m * (1 << 24))
+    low = e - 24
+    while mant % 2 == 0:
+        mant //= 2
+        low += 1
+    return np.float32(min(2.0 ** (low + 24), 2.0**100))
+
+
+@dataclass(frozen=True)
+class SparseParams:
+    """Neuron and decoder parameters, float32 where the dense path is float32.
+
+    ``theta1/2/3``: per-channel thresholds (> 0, required: with theta <= 0 untouched
+    neurons would fire and the event-driven shortcut is wrong).  ``leak``: "subtractive"
+    (``lambda1/2`` >= 0) or "multiplicative" (0 <= ``beta1/2`` <= 1); Conv3 is IF.
+    """
+
+    theta1: tuple[float, ...]
+    theta2: tuple[float, ...]
+    theta3: tuple[float, ...]
+    leak: str = "subtractive"
+    lambda1: float = 9.0
+    lambda2: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.9
+    fire_once: bool = False
+    binary_input: bool = True
+    decoder_threshold: float = 0.0
+    decoder_gate: bool = True
+    decoder_eps: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("theta1", "theta2", "theta3"):
+            if min(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} has a value <= 0; the sparse path needs thresholds > 0")
+        if self.leak not in ("subtractive", "multiplicative"):
+            raise ValueError(f"leak {self.leak!r} is not allowed; use 'subtractive' or 'multiplicative'")
+        if min(self.lambda1, self.lambda2) < 0:
+            raise ValueError("lambda1/lambda2 < 0 is not allowed; a negative leak would let idle neurons fire")
+        if not (0 <= self.beta1 <= 1 and 0 <= self.beta2 <= 1):
+            raise ValueError("beta1/beta2 outside 0..1 is not allowed")
+        if self.decoder_threshold < 0 or self.decoder_eps < 0:
+            raise ValueError("decoder_threshold and decoder_eps must be >= 0")
+
+
+def params_from_config(cfg: Any, decoder_eps: float = 0.0) -> SparseParams:
+    """:class:`SparseParams` from a ``model.config.ModelConfig`` (per-channel thetas expanded)."""
+
+    def exp(v: Any, n: int) -> tuple[float, ...]:
+        vals = tuple(float(x) for x in v) if isinstance(v, (tuple, list)) else (float(v),)
+        return vals * n if len(vals) == 1 else vals
+
+    return SparseParams(
+        theta1=exp(cfg.theta1, 4), theta2=exp(cfg.theta2, 36), theta3=exp(cfg.theta3, cfg.n_classes),
+        leak=cfg.leak, lambda1=cfg.lambda1, lambda2=cfg.lambda2, beta1=cfg.beta1, beta2=cfg.beta2,
+        fire_once=cfg.fire_once, binary_input=cfg.input_mode == "binary",
+        decoder_threshold=cfg.decoder_threshold, decoder_gate=cfg.decoder_gate, decoder_eps=decoder_eps,
+    )
+
+
+class _Grid(NamedTuple):
+    c_in: int
+    h: int
+    w: int
+    h2: int
+    w2: int
+    h4: int
+    w4: int
+
+
+@dataclass
+class SparseState:
+    """Membranes (float32, channels-last, flat), last-update steps per 2-D position, fire-once
+    masks, the step counter ``t`` (steps since reset), and per-stream scratch buffers.
+
+    ``v1`` is (H, W, 4) flattened; ``v2`` (H/2, W/2, 36); ``v3`` (H/4, W/4, n_classes).  A
+    neuron's true membrane at step ``t`` is ``v`` leaked ``t - 1 - last`` more steps
+    (:meth:`SparseSpikeSEG.membranes` gives the dense, up-to-date view).
+    """
+
+    grid: _Grid
+    v: list[np.ndarray]
+    last: list[np.ndarray]
+    fired: list[np.ndarray]
+    t: int = 0
+    stamp: int = 0
+    n_p2: int = 0
+    scratch: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class SparseOutput(NamedTuple):
+    """One step's result.
+
+    ``s1``/``s2``/``s3``: spikes as flat channels-last indices ``(y * W_l + x) * C_l + c``;
+    ``p1``/``p2``: pooled entries (flat pooled position, channel, first-spike window offset
+    0..3) as an (n, 3) int64 array; ``mask``: (H, W) uint8 raw mask (0 = background, k =
+    class k) or an all-zero mask without S3 spikes; ``layer_spikes``: counts per layer;
+    ``t``: the step's index since reset.
+    """
+
+    s1: np.ndarray
+    s2: np.ndarray
+    s3: np.ndarray
+    p1: np.ndarray
+    p2: np.ndarray
+    mask: np.ndarray
+    layer_spikes: dict[str, int]
+    t: int
+
+
+def _as_np_f32(w: Any) -> np.ndarray:
+    if hasattr(w, "detach"):
+        w = w.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(w, dtype=np.float32))
+
+
+class SparseSpikeSEG:
+    """Event-driven SpikeSEG encoder + decoder for one stream (batch 1).
+
+    ``w1`` (4, C_in, 5, 5), ``w2`` (36, 4, 5, 5), ``w3`` (n_classes, 36, 7, 7): torch tensors
+    or numpy arrays; they are copied, so call :meth:`set_weights` after learning changes them.
+    """
+
+    def __init__(self, w1: Any, w2: Any, w3: Any, params: SparseParams) -> None:
+        self.params = params
+        self.set_weights(w1, w2, w3)
+
+    @classmethod
+    def from_encoder(cls, encoder: Any, decoder_eps: float = 0.0) -> "SparseSpikeSEG":
+        """Build from a ``model.encoder.Encoder`` (weights and config)."""
+        return cls(encoder.w1, encoder.w2, encoder.w3, params_from_config(encoder.cfg, decoder_eps))
+
+    def set_weights(self, w1: Any, w2: Any, w3: Any) -> None:
+        """Copy the weights into the kernels' float64 channels-last layouts."""
+        w1n, w2n, w3n = _as_np_f32(w1), _as_np_f32(w2), _as_np_f32(w3)
+        if w1n.shape[0] != 4 or w1n.shape[1] not in (1, 2) or w1n.shape[2:] != (5, 5):
+            raise ValueError(f"w1 shape {w1n.shape} is not allowed; expected (4, 1|2, 5, 5)")
+        if w2n.shape != (36, 4, 5, 5):
+            raise ValueError(f"w2 shape {w2n.shape} is not allowed; expected (36, 4, 5, 5)")
+        if w3n.ndim != 4 or w3n.shape[1:] != (36, 7, 7):
+            raise ValueError(f"w3 shape {w3n.shape} is not allowed; expected (n_classes, 36, 7, 7)")
+        p = self.params
+        if len(p.theta1) != 4 or len(p.theta2) != 36 or len(p.theta3) != w3n.shape[0]:
+            raise ValueError("theta1/2/3 lengths must be 4, 36 and n_classes")
+        self.c_in = w1n.shape[1]
+        self.n_classes = w3n.shape[0]
+        f64 = np.float64
+        # encoder: (ci, K, K, co) so the scatter's inner loop runs over contiguous outputs
+        self._e1 = np.ascontiguousarray(w1n.transpose(1, 2, 3, 0).astype(f64))
+        self._e2 = np.ascontiguousarray(w2n.transpose(1, 2, 3, 0).astype(f64))
+        self._e3 = np.ascontiguousarray(w3n.transpose(1, 2, 3, 0).astype(f64))
+        # decoder (transposed convs): W3 (k, K, K, 36), W2 (36, K, K, 4), K1 = sum_cin W1 (4, K, K)
+        self._d3 = np.ascontiguousarray(w3n.transpose(0, 2, 3, 1).astype(f64))
+        self._d2 = np.ascontiguousarray(w2n.transpose(0, 2, 3, 1).astype(f64))
+        self._k1 = np.ascontiguousarray(w1n.astype(f64).sum(axis=1)[..., None])
+        self._th = [np.asarray(getattr(p, f"theta{i}"), dtype=np.float32) for i in (1, 2, 3)]
+        mode = LEAK_CODES[p.leak]
+        self._modes = (mode, mode, LEAK_CODES["none"])
+        self._lams = (np.float32(p.lambda1), np.float32(p.lambda2), np.float32(0.0))
+        self._betas = (np.float32(p.beta1), np.float32(p.beta2), np.float32(1.0))
+        self._exact = tuple(exact_leak_limit(float(lam)) for lam in self._lams)
+
+    # ------------------------------------------------------------------ state
+    def fresh_state(self, height: int, width: int) -> SparseState:
+        """All-zero state for an ``height`` x ``width`` sensor (H, W >= 4)."""
+        if height < 4 or width < 4:
+            raise ValueError(f"sensor {width}x{height} is too small; the model needs H, W >= 4")
+        h, w = height, width
+        h2, w2 = h // 2, w // 2
+        h4, w4 = h2 // 2, w2 // 2
+        g = _Grid(self.c_in, h, w, h2, w2, h4, w4)
+        chans = (4, 36, self.n_classes)
+        sizes = ((h, w), (h2, w2), (h4, w4))
+        v = [np.zeros(a * b * c, np.float32) for (a, b), c in zip(sizes, chans)]
+        last = [np.full(a * b, -1, np.int64) for a, b in sizes]
+        fo = self.params.fire_once
+        fired = [np.zeros(a * b * c if fo else 1, np.uint8) for (a, b), c in zip(sizes, chans)]
+        i64, f64 = np.int64, np.float64
+        sc: dict[str, np.ndarray] = {
+            "a_pos": np.zeros(self.c_in * h * w, i64), "a_ch": np.zeros(self.c_in * h * w, i64),
+            "a_val": np.zeros(self.c_in * h * w, np.float32), "count": np.zeros(self.c_in * h * w, np.int32),
+        }
+        for i, ((a, b), c) in enumerate(zip(sizes, chans), start=1):
+            sc[f"cur{i}"] = np.zeros(a * b * c, f64)
+            sc[f"mark{i}"] = np.full(a * b, -1, i64)
+            sc[f"touched{i}"] = np.zeros(a * b, i64)
+            sc[f"spk{i}"] = np.zeros(a * b * c, i64)
+        for i, ((a, b), c) in enumerate(zip(sizes[1:], chans[:2]), start=1):
+            n = a * b * c
+            sc[f"pmark{i}"] = np.full(n, -1, i64)
+            sc[f"poff{i}"] = np.zeros(n, i64)
+            sc[f"plist{i}"] = np.zeros(n, i64)
+            sc[f"head{i}"] = np.zeros(a * b, i64)
+            sc[f"hmark{i}"] = np.full(a * b, -1, i64)
+            sc[f"next{i}"] = np.zeros(n, i64)
+            sc[f"ppos{i}"] = np.zeros(n, i64)
+            sc[f"pch{i}"] = np.zeros(n, i64)
+            sc[f"pval{i}"] = np.zeros(n, np.float32)
+            sc[f"poffo{i}"] = np.zeros(n, i64)
+        sc["d3"] = np.zeros(h4 * w4 * 36, f64)
+        sc["d3mark"] = np.full(h4 * w4, -1, i64)
+        sc["d3list"] = np.zeros(h4 * w4, i64)
+        sc["d2"] = np.zeros(h2 * w2 * 4, f64)
+        sc["d2mark"] = np.full(h2 * w2, -1, i64)
+        sc["d2list"] = np.zeros(h2 * w2, i64)
+        sc["d2pos"] = np.zeros(h2 * w2, i64)
+        sc["sal"] = np.zeros(h * w, f64)
+        sc["salmark"] = np.full(h * w, -1, i64)
+        sc["sallist"] = np.zeros(h * w, i64)
+        sc["best"] = np.zeros(h * w, f64)
+        sc["bestmark"] = np.full(h * w, -1, i64)
+        return SparseState(grid=g, v=v, last=last, fired=fired, scratch=sc)
+
+    # ------------------------------------------------------------------ step
+    def step(
+        self, x: Any, state: SparseState | None, events: np.ndarray | None = None
+    ) -> tuple[SparseOutput, SparseState]:
+        """One time step.
+
+        ``x``: the step's (C_in, H, W) or (1, C_in, H, W) count frame (CPU torch tensor or
+        numpy), or ``None`` when ``events`` (an ``EVENT_DTYPE`` array of this bin, with the
+        sensor size taken from ``state``) is given instead; events and frame give identical
+        results when the frame was binned from those events.  ``state=None`` starts fresh
+        (a frame is then required for the size).  Returns (output, state) with ``state``
+        updated in place.
+        """
+        sc: dict[str, np.ndarray]
+        if x is not None:
+            if hasattr(x, "detach"):
+                x = x.detach()
+                if x.device.type != "cpu":
+                    raise ValueError("the sparse path runs on CPU; pass a CPU frame (use path: dense on GPU)")
+                x = x.numpy()
+            x = np.asarray(x)
+            if x.ndim == 4:
+                if x.shape[0] != 1:
+                    raise ValueError(f"the sparse path takes batch 1, got input of shape {x.shape}")
+                x = x[0]
+            if x.ndim != 3 or x.shape[0] != self.c_in:
+                raise ValueError(f"input of shape {x.shape} is not allowed; expected ({self.c_in}, H, W)")
+            if state is None:
+                state = self.fresh_state(x.shape[1], x.shape[2])
+            elif (x.shape[1], x.shape[2]) != (state.grid.h, state.grid.w):
+                raise ValueError(f"input size {x.shape[2]}x{x.shape[1]} differs from the state's; reset the state")
+        elif events is None or state is None:
+            raise ValueError("step needs a frame, or events together with an existing state")
+        g = state.grid
+        sc = state.scratch
+        p = self.params
+        if x is not None:
+            frame = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)  # C*H*W is even (H, W >= 4)
+            n_in = _active_from_frame(frame, frame.view(np.uint64), g.h * g.w, p.binary_input,
+                                      sc["a_pos"], sc["a_ch"], sc["a_val"])
+        else:
+            n_in = _active_from_events(
+                events["x"], events["y"], events["polarity"], g.c_in, g.h, g.w, p.binary_input,
+                sc["count"], sc["a_pos"], sc["a_ch"], sc["a_val"],
+            )
+        t = state.t
+        fo = p.fire_once
+        n1 = _layer(sc["a_pos"], sc["a_ch"], sc["a_val"], n_in, g.w, self._e1, 2, g.h, g.w,
+                    sc["cur1"], state.v[0], state.last[0], state.fired[0], sc["mark1"], sc["touched1"], t,
+                    self._th[0], self._modes[0], self._lams[0], self._betas[0], self._exact[0], fo, sc["spk1"])
+        np1 = _pool(sc["spk1"], n1, 4, g.w, g.h2, g.w2, t, sc["pmark1"], sc["poff1"], sc["plist1"],
+                    sc["head1"], sc["hmark1"], sc["next1"], sc["ppos1"], sc["pch1"], sc["pval1"], sc["poffo1"])
+        n2 = _layer(sc["ppos1"], sc["pch1"], sc["pval1"], np1, g.w2, self._e2, 2, g.h2, g.w2,
+                    sc["cur2"], state.v[1], state.last[1], state.fired[1], sc["mark2"], sc["touched2"], t,
+                    self._th[1], self._modes[1], self._lams[1], self._betas[1], self._exact[1], fo, sc["spk2"])
+        np2 = _pool(sc["spk2"], n2, 36, g.w2, g.h4, g.w4, t, sc["pmark2"], sc["poff2"], sc["plist2"],
+                    sc["head2"], sc["hmark2"], sc["next2"], sc["ppos2"], sc["pch2"], sc["pval2"], sc["poffo2"])
+        n3 = _layer(sc["ppos2"], sc["pch2"], sc["pval2"], np2, g.w4, self._e3, 3, g.h4, g.w4,
+                    sc["cur3"], state.v[2], state.last[2], state.fired[2], sc["mark3"], sc["touched3"], t,
+                    self._th[2], self._modes[2], self._lams[2], self._betas[2], self._exact[2], fo, sc["spk3"])
+        s3 = np.sort(sc["spk3"][:n3])
+        state.n_p2 = int(np2)
+        mask = np.zeros((g.h, g.w), np.uint8)
+        state.t = t + 1
+        out = SparseOutput(
+            s1=sc["spk1"][:n1].copy(), s2=sc["spk2"][:n2].copy(), s3=s3,
+            p1=np.stack([sc["ppos1"][:np1], sc["pch1"][:np1], sc["poffo1"][:np1]], axis=1),
+            p2=np.stack([sc["ppos2"][:np2], sc["pch2"][:np2], sc["poffo2"][:np2]], axis=1),
+            mask=mask,
+            layer_spikes={"conv1": int(n1), "pool1": int(np1), "conv2": int(n2), "pool2": int(np2), "conv3": int(n3)},
+            t=t,
+        )
+        if n3:
+            self._decode_mask(out, state)
+        return out, state
+
+    # ------------------------------------------------------------------ decoder
+    def _next_stamp(self, state: SparseState) -> int:
+        state.stamp += 1
+        return state.stamp
+
+    def decode_spikes(
+        self, state: SparseState, cls: int, positions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Saliency of class ``cls`` from S3 spikes at ``positions`` (flat y*W/4+x), this step.
+
+        Must be called after :meth:`step` and before the next one (it reads the step's
+        pooling entries).  Returns (pixel flat indices, saliency values float64, Conv2-grid
+        support positions with positive D2).  The decoder is linear in S3, so decoding one
+        spike at a time and summing gives the joint saliency (up to float rounding).
+        """
+        g = state.grid
+        sc = state.scratch
+        t = state.t - 1
+        pos = np.ascontiguousarray(positions, dtype=np.int64)
+        stamp = self._next_stamp(state)
+        nd, ns = _decode(
+            pos, len(pos), int(cls), self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,
+            sc["head2"], sc["hmark2"], sc["next2"], sc["ppos2"], sc["pch2"], sc["poffo2"], state.n_p2,
+            sc["head1"], sc["hmark1"], sc["next1"], sc["pch1"], sc["poffo1"],
+            t, self.params.decoder_gate, stamp,
+            sc["d3"], sc["d3mark"], sc["d3list"], sc["d2"], sc["d2mark"], sc["d2list"], sc["d2pos"],
+            sc["sal"], sc["salmark"], sc["sallist"],
+        )
+        pix = sc["sallist"][:ns].copy()
+        vals = sc["sal"][pix].copy()
+        sc["sal"][pix] = 0.0
+        return pix, vals, sc["d2pos"][:nd].copy()
+
+    def spike_supports(
+        self, state: SparseState, spikes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-spike decoded supports for the step just run (HULK: one-hot S3 per spike).
+
+        ``spikes``: flat channels-last S3 indices (a subset of ``out.s3``).  Returns
+        (offsets (B + 1,), pixels (flat y*W+x), bboxes (B, 4) inclusive x0, y0, x1, y1 or -1s):
+        instance b is ``pixels[offsets[b]:offsets[b + 1]]``, the pixels whose saliency from
+        that spike alone exceeds ``decoder_threshold + decoder_eps``.  One compiled call
+        for all spikes; cost ~ one small decode per spike, not B dense decoders.
+        """
+        g = state.grid
+        sc = state.scratch
+        p = self.params
+        spk = np.ascontiguousarray(spikes, dtype=np.int64)
+        b = len(spk)
+        offsets = np.zeros(b + 1, np.int64)
+        bboxes = np.full((b, 4), -1, np.int64)
+        # a spike's support is at most its receptive field: 7x7 at H/4 -> about 42 x 42 pixels
+        pixels = np.zeros(max(1, b * 44 * 44), np.int64)
+        stamp0 = state.stamp
+        state.stamp += b + 1
+        total = _decode_batch(
+            spk, self.n_classes, float(p.decoder_threshold) + float(p.decoder_eps),
+            self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,
+            sc["head2"], sc["hmark2"], sc["next2"], sc["ppos2"], sc["pch2"], sc["poffo2"], state.n_p2,
+            sc["head1"], sc["hmark1"], sc["next1"], sc["pch1"], sc["poffo1"],
+            state.t - 1, p.decoder_gate, stamp0,
+            sc["d3"], sc["d3mark"], sc["d3list"], sc["d2"], sc["d2mark"], sc["d2list"], sc["d2pos"],
+            sc["sal"], sc["salmark"], sc["sallist"], offsets, pixels, bboxes,
+        )
+        return offsets, pixels[:total].copy(), bboxes
+
+    def _decode_mask(self, out: SparseOutput, state: SparseState) -> None:
+        g = state.grid
+        sc = state.scratch
+        p = self.params
+        cut = float(p.decoder_threshold) + float(p.decoder_eps)
+        stamp0 = self._next_stamp(state)
+        n_cls = self.n_classes
+        flat = out.mask.reshape(-1)
+        t = state.t - 1
+        for k in range(n_cls):
+            sel = out.s3[out.s3 % n_cls == k] // n_cls
+            if len(sel) == 0:
+                continue
+            stamp = self._next_stamp(state)
+            _nd, ns = _decode(
+                sel, len(sel), k, self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,
+                sc["head2"], sc["hmark2"], sc["next2"], sc["ppos2"], sc["pch2"], sc["poffo2"], state.n_p2,
+                sc["head1"], sc["hmark1"], sc["next1"], sc["pch1"], sc["poffo1"],
+                t, p.decoder_gate, stamp,
+                sc["d3"], sc["d3mark"], sc["d3list"], sc["d2"], sc["d2mark"], sc["d2list"], sc["d2pos"],
+                sc["sal"], sc["salmark"], sc["sallist"],
+            )
+            _mask_into(flat, sc["best"], sc["bestmark"], stamp0, k, sc["sal"], sc["sallist"], ns, cut)
+
+    # ------------------------------------------------------------------ dense views (tests, fallback)
+    def membranes(self, state: SparseState) -> list[np.ndarray]:
+        """Up-to-date membranes as dense (C, H, W) float32 arrays (leak replayed; for tests/handover)."""
+        g = state.grid
+        out = []
+        shapes = ((g.h, g.w, 4), (g.h2, g.w2, 36), (g.h4, g.w4, self.n_classes))
+        for i, shp in enumerate(shapes):
+            v = state.v[i].reshape(shp).copy()
+            k = (state.t - 1 - state.last[i]).reshape(shp[:2])
+            mode, lam, beta = self._modes[i], self._lams[i], self._betas[i]
+            for _ in range(int(k.max(initial=0))):
+                act = (k > 0)[..., None] & (v != 0)
+                if not act.any():
+                    break
+                if mode == 0:
+                    v = np.where(act, np.maximum(v - lam, np.float32(0)), v)
+                elif mode == 1:
+                    v = np.where(act, (v.astype(np.float64) * float(beta)).astype(np.float32), v)
+                k = k - 1
+            out.append(np.ascontiguousarray(v.transpose(2, 0, 1)))
+        return out
+
+    def dense_spikes(self, out: SparseOutput, state: SparseState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """S1, S2, S3 as dense (C, H, W) float32 0/1 arrays."""
+        g = state.grid
+        res = []
+        for s, (h, w, c) in zip((out.s1, out.s2, out.s3), ((g.h, g.w, 4), (g.h2, g.w2, 36), (g.h4, g.w4, self.n_classes))):
+            a = np.zeros(h * w * c, np.float32)
+            a[s] = 1.0
+            res.append(np.ascontiguousarray(a.reshape(h, w, c).transpose(2, 0, 1)))
+        return res[0], res[1], res[2]
+
+    def pooling_indices(self, out: SparseOutput, state: SparseState) -> tuple[np.ndarray, np.ndarray]:
+        """idx1 (4, H/2, W/2), idx2 (36, H/4, W/4) int64 exactly as ``max_pool2d(return_indices=True)``."""
+        g = state.grid
+        res = []
+        for pe, (hp, wp, c, w) in zip((out.p1, out.p2), ((g.h2, g.w2, 4, g.w), (g.h4, g.w4, 36, g.w2))):
+            py, px = np.divmod(np.arange(hp * wp), wp)
+            tl = (2 * py * w + 2 * px).reshape(hp, wp)
+            idx = np.repeat(tl[None], c, axis=0).astype(np.int64)
+            if len(pe):
+                qy, qx = np.divmod(pe[:, 0], wp)
+                off = pe[:, 2]
+                idx[pe[:, 1], qy, qx] = (2 * qy + (off >> 1)) * w + 2 * qx + (off & 1)
+            res.append(idx)
+        return res[0], res[1]
+
+
+# --------------------------------------------------------------------------- benchmark
+def _bench_inputs(kind: str, h: int, w: int, n_steps: int, seed: int = 0) -> list[np.ndarray]:
+    """Benchmark frames (2, H, W) float32: ``noise:<density>`` or ``scene`` (sources/synthetic, 1 ms bins)."""
+    rng = np.random.default_rng(seed)
+    if kind.startswith("noise:"):
+        d = float(kind.split(":")[1])
+        return [(rng.random((2, h, w)) < d / 2).astype(np.float32) for _ in range(n_steps)]
+    from sources.synthetic import SyntheticConfig, SyntheticScene
+
+    scene = SyntheticScene(SyntheticConfig(width=w, height=h, seed=seed, scene=kind.split(":")[1] if ":" in kind else "mixed"))
+    frames = []
+    for k in range(1, n_steps + 1):
+        ev, _lab = scene.events_until(k * 1000)
+        f = np.zeros((2, h, w), np.float32)
+        np.add.at(f, (ev["polarity"].astype(np.int64), ev["y"].astype(np.int64), ev["x"].astype(np.int64)), 1.0)
+        frames.append(f)
+    return frames
+
+
+def bench(sizes: tuple[tuple[int, int], ...] = ((128, 128), (260, 346), (480, 640)),
+          kinds: tuple[str, ...] = ("noise:0.001", "noise:0.01", "noise:0.05", "scene"),
+          n_steps: int = 300, dense_steps: int = 30) -> None:
+    """Print steps/s of this path vs the dense per-step torch path (channels_last, 2 threads).
+
+    Run: ``python -m model.sparse``.  Both paths run the default ``model`` config (IGARSS
+    2023, gabor Conv1, untrained N(0.8, 0.01) W2/W3) on the same frames in this process.
+    """
+    import time
+
+    import torch
+
+    from model.config import ModelConfig
+    from model.decoder import decode_mask
+    from model.encoder import Encoder
+    from stream.config import build
+
+    torch.set_num_threads(2)
+    cfg = build(ModelConfig, {})
+    enc = Encoder(cfg, 2).to(memory_format=torch.channels_last)
+    sp = SparseSpikeSEG.from_encoder(enc)
+    for h, w in sizes:
+        for kind in kinds:
+            frames = _bench_inputs(kind, h, w, n_steps + 20)
+            dens = float(np.mean([(f.sum(0) > 0).mean() for f in frames]))
+            st = None
+            for f in frames[:20]:
+                _o, st = sp.step(f, st)
+            tot: dict[str, int] = {}
+            t0 = time.perf_counter()
+            for f in frames[20:]:
+                o, st = sp.step(f, st)
+                for key, val in o.layer_spikes.items():
+                    tot[key] = tot.get(key, 0) + val
+            sps = n_steps / (time.perf_counter() - t0)
+            dst = None
+            tf = [torch.from_numpy(f)[None].contiguous(memory_format=torch.channels_last) for f in frames[: 20 + dense_steps]]
+            with torch.inference_mode():
+                for i, f in enumerate(tf):
+                    if i == 10:
+                        t0 = time.perf_counter()
+                    do, dst = enc.step(enc.prepare_input(f), dst)
+                    if bool(do.has_spikes):
+                        decode_mask(do, enc.w1, enc.w2, enc.w3, cfg.decoder_gate, cfg.decoder_threshold)
+            dps = (len(tf) - 10) / (time.perf_counter() - t0)
+            per = " ".join(f"{k}={v / n_steps:.0f}" for k, v in tot.items())
+            print(f"{w}x{h} {kind:12s} density={dens:.4f} sparse={sps:8.0f}/s dense={dps:6.1f}/s "
+                  f"ratio={sps / dps:6.1f}  spikes/step: {per}", flush=True)
+
+
+if __name__ == "__main__":
+    bench()

@@ -1,0 +1,1 @@
+"""The streaming engine: event types, nodes, bounded queues, binning, metrics and shutdown."""

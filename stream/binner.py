@@ -1,0 +1,271 @@
+"""Binning: events -> fixed-duration time steps, each a (C, H, W) count tensor.
+
+Rules (the engine issue):
+
+* Bins are ``[t0, t0 + bin_us)`` aligned to the first event after the start or a
+  :class:`StreamReset`.  **Empty bins are emitted**: time moves on and neurons must leak.
+* A bin closes when an event at or after its end arrives, or when the source promises
+  completeness up to its end (``EventPacket.t_end_us``): that is how live sources close
+  bins on the wall clock while the scene is still.
+* Events outside the sensor are dropped and counted (``drops.out_of_range``); events
+  going back in time -- earlier than an event already seen -- are dropped and counted
+  (``drops.backwards``).  Duplicated timestamps are kept.  Never a crash.
+* A silence longer than ``gap_reset_s`` does not emit millions of empty bins: the
+  binner emits a :class:`StreamReset` ("gap") and re-aligns to the next event.  After a
+  gap that long every leaky layer is back at rest anyway; only the IF layer (Conv3)
+  would have kept a sub-threshold membrane, which the reset clears -- documented, and
+  counted as ``binner.gap_resets``.  The alternative (emitting every empty bin) makes
+  an hour of silence cost half an hour of compute before the next event shows.
+
+Channels: ``polarity: split`` gives C = 2 (0 = OFF, 1 = ON); ``merge`` gives C = 1.
+
+The count image is built by one compiled pass over the structured array (numba),
+PERF-NOTES' fastest method (170-200 Mev/s); a pure-numpy fallback exists for
+platforms without numba and is what the tests compare against.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .config import section
+from .events import EVENT_DTYPE, EventPacket, SensorSize, Step, StreamReset
+
+try:  # numba is a declared dependency; the fallback keeps the maths importable without it
+    import numba
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only on platforms without numba
+    numba = None
+    _HAVE_NUMBA = False
+
+
+@section("binner")
+@dataclass(frozen=True)
+class BinnerConfig:
+    """``bin_us``: step duration in µs of sensor time.  ``polarity``: split (C=2) or merge (C=1).
+
+    ``gap_reset_s``: a silence longer than this resets the stream instead of emitting
+    every empty bin.  ``live_close_ms``: for live sources, how often (wall time) the
+    source reports progress so bins close on a still scene.
+    """
+
+    bin_us: int = 1000
+    polarity: Literal["split", "merge"] = "split"
+    gap_reset_s: float = 1.0
+    live_close_ms: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 10 <= self.bin_us <= 10_000_000:
+            raise ValueError(f"bin_us={self.bin_us} out of range; use 10 .. 10000000 µs")
+        if self.gap_reset_s <= 0:
+            raise ValueError(f"gap_reset_s={self.gap_reset_s} must be > 0 seconds")
+        if not 0.1 <= self.live_close_ms <= 1000:
+            raise ValueError(f"live_close_ms={self.live_close_ms} out of range; use 0.1 .. 1000")
+
+    @property
+    def channels(self) -> int:
+        return 2 if self.polarity == "split" else 1
+
+
+def _bin_numpy(events: np.ndarray, t0: int, bin_us: int, nbins: int, c: int, h: int, w: int) -> np.ndarray:
+    """Reference: counts[k, p, y, x] for events with k = (t - t0) // bin_us in [0, nbins)."""
+    out = np.zeros(nbins * c * h * w, dtype=np.float32)
+    if len(events):
+        k = (events["timestamp"] - t0) // bin_us
+        p = events["polarity"].astype(np.int64) if c == 2 else 0
+        flat = ((k * c + p) * h + events["y"].astype(np.int64)) * w + events["x"].astype(np.int64)
+        out += np.bincount(flat, minlength=out.size).astype(np.float32)
+    return out.reshape(nbins, c, h, w)
+
+
+if _HAVE_NUMBA:
+
+    @numba.njit(cache=True, nogil=True)
+    def _bin_kernel(ts, xs, ys, ps, t0, bin_us, out, c):  # pragma: no cover - compiled
+        nb, _, h, w = out.shape
+        for i in range(ts.shape[0]):
+            k = (ts[i] - t0) // bin_us
+            ch = ps[i] if c == 2 else 0
+            out[k, ch, ys[i], xs[i]] += 1.0
+
+    def bin_events(events: np.ndarray, t0: int, bin_us: int, nbins: int, c: int, h: int, w: int) -> np.ndarray:
+        """Count image (nbins, c, h, w) float32 of events already validated to lie in range."""
+        out = np.zeros((nbins, c, h, w), dtype=np.float32)
+        if len(events):
+            _bin_kernel(events["timestamp"], events["x"], events["y"], events["polarity"], np.int64(t0), np.int64(bin_us), out, c)
+        return out
+
+else:  # pragma: no cover
+    bin_events = _bin_numpy
+
+
+def clean_events(events: np.ndarray, size: SensorSize, t_floor: int) -> tuple[np.ndarray, int, int, np.ndarray | None]:
+    """Drop out-of-sensor events and events earlier than an event already seen.
+
+    ``t_floor`` is the latest timestamp seen before this packet.  Returns
+    ``(kept_events, n_out_of_range, n_backwards, keep_mask_or_None)``; the mask is None
+    when nothing was dropped (the common case costs two vector compares).
+    """
+    if len(events) == 0:
+        return events, 0, 0, None
+    x, y, t = events["x"], events["y"], events["timestamp"]
+    inside = (x >= 0) & (x < size.width) & (y >= 0) & (y < size.height)
+    n_out = int(len(events) - np.count_nonzero(inside))
+    # Forward-only: an event is kept if it is not earlier than every kept event before it.
+    running = np.maximum.accumulate(np.where(inside, t, np.iinfo(np.int64).min))
+    prev_max = np.concatenate(([t_floor], running[:-1]))
+    forward = t >= prev_max
+    keep = inside & forward
+    n_back = int(np.count_nonzero(inside & ~forward))
+    if n_out == 0 and n_back == 0:
+        return events, 0, 0, None
+    return events[keep], n_out, n_back, keep
+
+
+class Binner:
+    """Turns :class:`EventPacket`/:class:`StreamReset` items into :class:`Step` items.
+
+    Not a thread: the engine calls :meth:`process` from the source thread (binning is
+    cheap, and one thread less means one queue less between a live reader and its bins).
+    """
+
+    name = "binner"
+
+    def __init__(self, cfg: BinnerConfig, size: SensorSize, device: torch.device | str = "cpu", source: str = "", metrics=None) -> None:
+        self.cfg = cfg
+        self.size = size
+        self.device = torch.device(device)
+        self.source = source
+        self.metrics = metrics
+        self.next_index = 0  # step index since the stream started (never reset)
+        self._restart()
+
+    # -- state --------------------------------------------------------------------
+    def _restart(self) -> None:
+        self.t0: int | None = None  # start of the open bin
+        self.t_seen = np.iinfo(np.int64).min  # latest event timestamp accepted
+        self._pending: list[np.ndarray] = []
+        self._pending_labels: list[np.ndarray] = []
+        self._has_labels = False
+
+    def _count(self, key: str, n: int) -> None:
+        if n and self.metrics is not None:
+            self.metrics.inc(key, n)
+
+    # -- main entry -----------------------------------------------------------------
+    def process(self, item: EventPacket | StreamReset) -> list[Step | StreamReset]:
+        if isinstance(item, StreamReset):
+            out: list[Step | StreamReset] = list(self.flush())
+            if item.size is not None:
+                self.size = item.size
+            self._restart()
+            out.append(item)
+            return out
+        return self._packet(item)
+
+    def flush(self) -> list[Step]:
+        """Close the open bin (end of stream or reset) if it holds events."""
+        if self.t0 is None or not self._pending or not any(len(p) for p in self._pending):
+            return []
+        return self._close_bins(self.t0 + self.cfg.bin_us)
+
+    def _packet(self, pkt: EventPacket) -> list[Step | StreamReset]:
+        if pkt.size != self.size:
+            # A live source never changes size mid-stream; files do so only behind a reset.
+            raise ValueError(f"packet size {pkt.size} differs from the stream's {self.size} without a reset")
+        events, n_out, n_back, keep = clean_events(pkt.events, self.size, self.t_seen)
+        self._count("drops.out_of_range", n_out)
+        self._count("drops.backwards", n_back)
+        labels = pkt.labels if keep is None or pkt.labels is None else pkt.labels[keep]
+        out: list[Step | StreamReset] = []
+        if len(events):
+            self.t_seen = int(events["timestamp"][-1])
+            first_t = int(events["timestamp"][0])
+            if self.t0 is None:
+                self.t0 = first_t
+            elif first_t >= self.t0 + self.cfg.bin_us + int(self.cfg.gap_reset_s * 1e6):
+                # Long silence: close what is open, re-align at this event.
+                out.extend(self.flush())
+                out.append(StreamReset(f"gap of {(first_t - self.t0) / 1e6:.1f} s in the input", source=self.source))
+                self._count("binner.gap_resets", 1)
+                self._restart()
+                self.t_seen = int(events["timestamp"][-1])
+                self.t0 = first_t
+            self._pending.append(events)
+            if labels is not None:
+                self._has_labels = True
+                self._pending_labels.append(np.asarray(labels, dtype=np.int16))
+            elif self._has_labels:
+                self._pending_labels.append(np.zeros(len(events), dtype=np.int16))
+        if self.t0 is None:
+            return out
+        # Everything before `horizon` is complete: the latest event, or the source's promise.
+        horizon = self.t_seen
+        if pkt.t_end_us is not None:
+            horizon = max(horizon, int(pkt.t_end_us))
+            if pkt.t_end_us > self.t_seen:
+                self.t_seen = max(self.t_seen, int(pkt.t_end_us) - 1)
+        n_closable = (horizon - self.t0) // self.cfg.bin_us
+        if len(events) == 0 and pkt.t_end_us is not None and n_closable > 0:
+            n_closable = (int(pkt.t_end_us) - self.t0) // self.cfg.bin_us
+        if n_closable > 0:
+            out.extend(self._close_bins(self.t0 + n_closable * self.cfg.bin_us))
+        return out
+
+    def _close_bins(self, t_end: int) -> list[Step]:
+        """Emit every bin from the open one up to ``t_end`` (exclusive), empty ones included."""
+        assert self.t0 is not None  # internal invariant, not input validation
+        bin_us = self.cfg.bin_us
+        nbins = (t_end - self.t0) // bin_us
+        if nbins <= 0:
+            return []
+        if self._pending:
+            allev = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending, dtype=EVENT_DTYPE)
+            alllab = None
+            if self._has_labels:
+                alllab = self._pending_labels[0] if len(self._pending_labels) == 1 else np.concatenate(self._pending_labels)
+        else:
+            allev, alllab = self._pending_empty(), None
+        split = int(np.searchsorted(allev["timestamp"], t_end, side="left"))
+        closing, rest = allev[:split], allev[split:]
+        c, h, w = self.cfg.channels, self.size.height, self.size.width
+        frames = bin_events(closing, self.t0, bin_us, nbins, c, h, w)
+        edges = self.t0 + bin_us * np.arange(nbins + 1, dtype=np.int64)
+        cuts = np.searchsorted(closing["timestamp"], edges, side="left")
+        now = time.perf_counter_ns()
+        frames_t = torch.from_numpy(frames)
+        if self.device.type != "cpu":
+            frames_t = frames_t.pin_memory().to(self.device, non_blocking=True)
+        steps = []
+        for k in range(nbins):
+            a, b = int(cuts[k]), int(cuts[k + 1])
+            steps.append(
+                Step(
+                    index=self.next_index,
+                    t0_us=int(edges[k]),
+                    t1_us=int(edges[k + 1]),
+                    frame=frames_t[k],
+                    events=closing[a:b],
+                    size=self.size,
+                    closed_ns=now,
+                    labels=None if alllab is None else alllab[a:b],
+                    source=self.source,
+                )
+            )
+            self.next_index += 1
+        self.t0 = t_end
+        self._pending = [rest] if len(rest) else []
+        if alllab is not None:
+            self._pending_labels = [alllab[split:]] if len(rest) else []
+        return steps
+
+    @staticmethod
+    def _pending_empty() -> np.ndarray:
+        from .events import empty_events
+
+        return empty_events(0)

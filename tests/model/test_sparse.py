@@ -1,0 +1,184 @@
+"""The event-driven path against the dense reference (model/encoder.py, model/decoder.py).
+
+Every comparison is exact (spikes, pooling indices, masks); membranes to float rounding.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.decoder import decode_mask
+from model.encoder import Encoder
+from model.sparse import SparseSpikeSEG, exact_leak_limit, params_from_config
+from stream.config import build
+from stream.events import make_events
+
+pytestmark = pytest.mark.timeout(300)  # first run compiles the numba kernels (cached afterwards)
+
+
+def _scene(t: int, h: int, w: int, rng: np.random.Generator, noise: float = 0.01) -> np.ndarray:
+    """Two moving rectangles' edges (ON leading, OFF trailing) plus uniform noise, (2, H, W)."""
+    f = np.zeros((2, h, w), np.float32)
+    for x0, y0, vx in ((4, 6, 1), (w // 2, h // 2 - 4, -1)):
+        x = (x0 + vx * t) % (w - 20)
+        f[1, y0 : y0 + 14, x : x + 2] += 1
+        f[0, y0 : y0 + 14, x + 12 : x + 14] += 1
+        f[1, y0 : y0 + 2, x : x + 14] += 1
+    f += rng.random((2, h, w)) < noise / 2
+    return f
+
+
+def _pair(overrides: dict | None = None, w2: torch.Tensor | None = None, w3: torch.Tensor | None = None):
+    cfg = build(ModelConfig, overrides or {})
+    enc = Encoder(cfg, 2)
+    with torch.no_grad():
+        if w2 is not None:
+            enc.w2.copy_(w2)
+        if w3 is not None:
+            enc.w3.copy_(w3)
+    return cfg, enc, SparseSpikeSEG.from_encoder(enc)
+
+
+def _run_both(cfg, enc, sp, frames):
+    """Run both paths over ``frames``; yield per step (sparse out, state, dense out)."""
+    st = dst = None
+    for f in frames:
+        out, st = sp.step(f, st)
+        dout, dst = enc.step(enc.prepare_input(torch.from_numpy(f)), dst)
+        yield out, st, dout, dst
+
+
+def _assert_same(sp, out, st, dout, cfg, enc, t):
+    s1, s2, s3 = sp.dense_spikes(out, st)
+    for name, a in (("conv1", s1), ("conv2", s2), ("conv3", s3)):
+        b = dout.layer_spikes[name][0].numpy()
+        assert np.array_equal(a, b), f"step {t}: {name} differs at {int((a != b).sum())} neurons"
+    i1, i2 = sp.pooling_indices(out, st)
+    assert np.array_equal(i1, dout.pooling_indices[0][0].numpy()), f"step {t}: idx1 differs"
+    assert np.array_equal(i2, dout.pooling_indices[1][0].numpy()), f"step {t}: idx2 differs"
+    dm = decode_mask(dout, enc.w1, enc.w2, enc.w3, cfg.decoder_gate, cfg.decoder_threshold)[0].numpy()
+    assert np.array_equal(out.mask, dm), f"step {t}: mask differs at {int((out.mask != dm).sum())} pixels"
+
+
+def test_scene_spikes_indices_masks_identical_to_dense() -> None:
+    rng = np.random.default_rng(0)
+    cfg, enc, sp = _pair()
+    frames = [_scene(t, 48, 64, rng) for t in range(40)]
+    n3 = 0
+    for t, (out, st, dout, dst) in enumerate(_run_both(cfg, enc, sp, frames)):
+        _assert_same(sp, out, st, dout, cfg, enc, t)
+        n3 += out.layer_spikes["conv3"]
+        for a, b in zip(sp.membranes(st), dst.neurons):
+            np.testing.assert_allclose(a, b.v[0].numpy(), rtol=1e-6, atol=1e-5)
+    assert n3 > 0, "the scene must drive Conv3, else the decoder comparison is empty"
+    assert out.layer_spikes["conv1"] == int(dout.layer_spikes["conv1"].sum())
+
+
+def test_random_weights_count_input_ungated_many_steps() -> None:
+    rng = np.random.default_rng(1)
+    g = torch.Generator().manual_seed(1)
+    w2 = torch.rand((36, 4, 5, 5), generator=g)
+    w3 = torch.rand((2, 36, 7, 7), generator=g) * 0.5
+    cfg, enc, sp = _pair({"input_mode": "count", "n_classes": 2, "decoder_gate": False,
+                          "theta2": 12.0, "theta3": 40.0}, w2, w3)
+    frames = [(_scene(t, 32, 40, rng, 0.03) * rng.integers(1, 4, (2, 32, 40))).astype(np.float32) for t in range(120)]
+    n3 = 0
+    for t, (out, st, dout, _d) in enumerate(_run_both(cfg, enc, sp, frames)):
+        _assert_same(sp, out, st, dout, cfg, enc, t)
+        n3 += out.layer_spikes["conv3"]
+    assert n3 > 0
+
+
+def test_exact_threshold_ties_with_dyadic_weights() -> None:
+    """Weights on a 1/8 grid make every sum exact, so V lands exactly on theta: ties must match."""
+    rng = np.random.default_rng(2)
+    w2 = torch.full((36, 4, 5, 5), 0.625)
+    w3 = torch.full((1, 36, 7, 7), 0.25)
+    cfg, enc, sp = _pair({"theta2": 5.0, "lambda2": 0.625, "theta3": 10.0}, w2, w3)
+    # Conv1 kernels on a 1/8 grid too (the gabor ones are not dyadic)
+    w1 = (enc.w1 * 8).round() / 8
+    with torch.no_grad():
+        enc.w1.copy_(w1)
+    sp = SparseSpikeSEG.from_encoder(enc)
+    ties = 0
+    st = dst = None
+    for t in range(60):
+        f = _scene(t, 32, 48, rng, 0.02)
+        out, st = sp.step(f, st)
+        dout, new_dst = enc.step(enc.prepare_input(torch.from_numpy(f)), dst)
+        _assert_same(sp, out, st, dout, cfg, enc, t)
+        if dst is not None:  # the dense Conv2 membrane before threshold, this step
+            i2 = torch.nn.functional.conv2d(dout.layer_spikes["pool1"], enc.w2, padding=2)
+            ties += int(((dst.neurons[1].v + i2 - 0.625).clamp_min(0) == 5.0).sum())
+        dst = new_dst
+    assert ties > 0, "no membrane hit theta exactly; the tie case was not exercised"
+
+
+@pytest.mark.parametrize("over", [{"leak": "multiplicative", "beta1": 0.9, "beta2": 0.8},
+                                  {"fire_once": True}, {"lambda1": 0.09 * 90, "lambda2": 0.09}])
+def test_leak_variants_and_fire_once(over: dict) -> None:
+    rng = np.random.default_rng(3)
+    cfg, enc, sp = _pair(over)
+    frames = [_scene(t, 32, 40, rng) for t in range(40)] + [np.zeros((2, 32, 40), np.float32)] * 5
+    frames += [_scene(t, 32, 40, rng) for t in range(10)]
+    for t, (out, st, dout, _d) in enumerate(_run_both(cfg, enc, sp, frames)):
+        _assert_same(sp, out, st, dout, cfg, enc, t)
+
+
+def test_events_path_equals_frame_path_and_input_untouched() -> None:
+    rng = np.random.default_rng(4)
+    cfg = build(ModelConfig, {"input_mode": "count"})
+    sp = SparseSpikeSEG.from_encoder(Encoder(cfg, 2))
+    st_f = st_e = None
+    for t in range(15):
+        n = 400
+        xs, ys, ps = rng.integers(0, 40, n), rng.integers(0, 32, n), rng.integers(0, 2, n)
+        ev = make_events(np.arange(n), xs, ys, ps)
+        f = np.zeros((2, 32, 40), np.float32)
+        np.add.at(f, (ps, ys, xs), 1.0)
+        f_copy = f.copy()
+        o_f, st_f = sp.step(f, st_f)
+        if st_e is None:
+            st_e = sp.fresh_state(32, 40)
+        o_e, st_e = sp.step(None, st_e, events=ev)
+        assert np.array_equal(f, f_copy)
+        assert np.array_equal(np.sort(o_f.s1), np.sort(o_e.s1)) and np.array_equal(o_f.s3, o_e.s3)
+        assert np.array_equal(o_f.mask, o_e.mask)
+    assert sum(len(v) for v in (o_f.s1,)) >= 0 and st_f.t == 15
+
+
+def test_exact_leak_limit_and_closed_form() -> None:
+    assert exact_leak_limit(1.0) == 2.0**24 and exact_leak_limit(9.0) == 2.0**24
+    assert exact_leak_limit(0.625) == 2.0**21
+    assert exact_leak_limit(0.0) == 0.0
+    lam = np.float32(0.625)
+    rng = np.random.default_rng(5)
+    vs = rng.uniform(0, 20, 2000).astype(np.float32)
+    for v in vs:
+        k = int(rng.integers(1, 40))
+        it = v
+        for _ in range(k):
+            it = max(np.float32(it - lam), np.float32(0))
+        closed = np.float32(max(float(v) - k * float(lam), 0.0))
+        assert it == closed
+
+
+def test_bad_input_and_params_are_loud() -> None:
+    cfg = build(ModelConfig, {})
+    sp = SparseSpikeSEG.from_encoder(Encoder(cfg, 2))
+    with pytest.raises(ValueError, match="expected"):
+        sp.step(np.zeros((3, 8, 8), np.float32), None)
+    with pytest.raises(ValueError, match="batch 1"):
+        sp.step(np.zeros((2, 2, 8, 8), np.float32), None)
+    with pytest.raises(ValueError, match="events"):
+        sp.step(None, None)
+    with pytest.raises(ValueError, match="too small"):
+        sp.fresh_state(2, 8)
+    p = params_from_config(cfg)
+    with pytest.raises(ValueError, match="w2 shape"):
+        SparseSpikeSEG(np.zeros((4, 2, 5, 5)), np.zeros((36, 4, 3, 3)), np.zeros((1, 36, 7, 7)), p)
+    _o, st = sp.step(np.zeros((2, 16, 16), np.float32), None)
+    with pytest.raises(ValueError, match="differs"):
+        sp.step(np.zeros((2, 16, 20), np.float32), st)

@@ -1,0 +1,140 @@
+"""Binner against hand-computed bins: empty bins, edges, out-of-range, backwards, live closing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stream.binner import Binner, BinnerConfig, _bin_numpy, bin_events, clean_events
+from stream.config import build
+from stream.events import EventPacket, SensorSize, Step, StreamReset, make_events
+from stream.metrics import Metrics
+
+SIZE = SensorSize(4, 3)
+
+
+def _binner(bin_us: int = 10, polarity: str = "split", **kw) -> tuple[Binner, Metrics]:
+    m = Metrics()
+    cfg = build(BinnerConfig, {"bin_us": bin_us, "polarity": polarity, **kw})
+    return Binner(cfg, SIZE, "cpu", "test", m), m
+
+
+def _steps(items) -> list[Step]:
+    return [s for s in items if isinstance(s, Step)]
+
+
+def test_bins_align_to_first_event_and_emit_empty_bins() -> None:
+    b, _ = _binner()
+    ev = make_events([5, 7, 15, 16, 42], [0, 1, 2, 3, 1], [0, 1, 2, 2, 0], [1, 0, 1, 1, 0])
+    steps = _steps(b.process(EventPacket(ev, SIZE)))
+    # bins [5,15) [15,25) [25,35) are complete (latest event 42 < 45)
+    assert [(s.index, s.t0_us, s.t1_us, s.n_events) for s in steps] == [(0, 5, 15, 2), (1, 15, 25, 2), (2, 25, 35, 0)]
+    f0 = steps[0].frame.numpy()
+    assert f0.shape == (2, 3, 4)
+    assert f0[1, 0, 0] == 1 and f0[0, 1, 1] == 1 and f0.sum() == 2
+    assert steps[2].frame.sum() == 0  # empty bin is emitted, all zeros
+    last = b.flush()
+    assert [(s.index, s.t0_us, s.t1_us, s.n_events) for s in last] == [(3, 35, 45, 1)]
+
+
+def test_bin_edges_are_half_open_and_counts_accumulate() -> None:
+    b, _ = _binner()
+    ev = make_events([0, 9, 9, 10, 20], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1])
+    steps = _steps(b.process(EventPacket(ev, SIZE, t_end_us=30)))
+    assert [s.n_events for s in steps] == [3, 1, 1]
+    assert steps[0].frame[1, 1, 1] == 3.0  # duplicates and same-pixel events are counted
+
+
+def test_merge_polarity_gives_one_channel() -> None:
+    b, _ = _binner(polarity="merge")
+    ev = make_events([0, 1], [2, 2], [1, 1], [0, 1])
+    (s,) = _steps(b.process(EventPacket(ev, SIZE, t_end_us=10)))
+    assert tuple(s.frame.shape) == (1, 3, 4) and s.frame[0, 1, 2] == 2.0
+
+
+def test_out_of_range_and_backwards_are_dropped_and_counted() -> None:
+    b, m = _binner()
+    ev = make_events([0, 1, 2, 1, 3, 4], [0, 4, 1, 1, -1, 3], [0, 0, 2, 1, 0, 3], [1, 1, 1, 1, 1, 0])
+    # x=4 out (width 4), x=-1 out, y=3 out (height 3); t=1 after t=2 goes backwards
+    steps = _steps(b.process(EventPacket(ev, SIZE, t_end_us=10)))
+    assert sum(s.n_events for s in steps) == 2
+    c = m.snapshot()["counters"]
+    assert c["drops.out_of_range"] == 3 and c["drops.backwards"] == 1
+    # an event earlier than an already closed bin is dropped, not a crash
+    later = _steps(b.process(EventPacket(make_events([5], [0], [0], [1]), SIZE, t_end_us=20)))
+    assert sum(s.n_events for s in later) == 0
+    assert m.snapshot()["counters"]["drops.backwards"] == 2
+
+
+def test_live_source_closes_bins_on_t_end_without_events() -> None:
+    b, _ = _binner()
+    assert _steps(b.process(EventPacket(make_events([100], [0], [0], [1]), SIZE))) == []
+    empty = make_events([], [], [], [])
+    steps = _steps(b.process(EventPacket(empty, SIZE, t_end_us=131)))
+    assert [(s.t0_us, s.n_events) for s in steps] == [(100, 1), (110, 0), (120, 0)]
+
+
+def test_reset_realigns_and_keeps_step_index() -> None:
+    b, _ = _binner()
+    s1 = _steps(b.process(EventPacket(make_events([0, 12], [0, 0], [0, 0], [1, 1]), SIZE)))
+    out = b.process(StreamReset("next file"))
+    assert isinstance(out[-1], StreamReset)
+    flushed = _steps(out)
+    s2 = _steps(b.process(EventPacket(make_events([1000, 1003], [1, 1], [1, 1], [1, 0]), SIZE, t_end_us=1010)))
+    idx = [s.index for s in s1 + flushed + s2]
+    assert idx == list(range(len(idx)))
+    assert s2[0].t0_us == 1000
+
+
+def test_long_gap_resets_instead_of_emitting_every_bin() -> None:
+    b, m = _binner(bin_us=1000, gap_reset_s=1.0)
+    b.process(EventPacket(make_events([0], [0], [0], [1]), SIZE))
+    out = b.process(EventPacket(make_events([3_600_000_000], [1], [1], [1]), SIZE, t_end_us=3_600_001_000))
+    assert len(_steps(out)) <= 3
+    assert any(isinstance(o, StreamReset) for o in out)
+    assert m.snapshot()["counters"]["binner.gap_resets"] == 1
+
+
+def test_labels_follow_their_events() -> None:
+    b, _ = _binner()
+    ev = make_events([0, 1, 11, 12], [0, 9, 1, 2], [0, 0, 1, 2], [1, 1, 1, 1])  # x=9 dropped
+    lab = np.array([3, 4, 5, 0], dtype=np.int16)
+    steps = _steps(b.process(EventPacket(ev, SIZE, t_end_us=20, labels=lab)))
+    assert steps[0].labels.tolist() == [3] and steps[1].labels.tolist() == [5, 0]
+
+
+def test_compiled_binning_matches_reference() -> None:
+    rng = np.random.default_rng(0)
+    n, h, w = 20000, 17, 23
+    t = np.sort(rng.integers(0, 5000, n))
+    ev = make_events(t, rng.integers(0, w, n), rng.integers(0, h, n), rng.integers(0, 2, n))
+    for c in (1, 2):
+        a = bin_events(ev, 0, 1000, 5, c, h, w)
+        r = _bin_numpy(ev, 0, 1000, 5, c, h, w)
+        np.testing.assert_array_equal(a, r)
+        assert a.sum() == n
+
+
+def test_clean_events_does_not_mutate_input() -> None:
+    ev = make_events([3, 1, 2], [0, 0, 9], [0, 0, 0], [1, 1, 1])
+    before = ev.copy()
+    clean_events(ev, SIZE, -1)
+    np.testing.assert_array_equal(ev, before)
+
+
+def test_config_validation() -> None:
+    from stream.node import UsageError
+
+    with pytest.raises(UsageError, match="bin_us"):
+        build(BinnerConfig, {"bin_us": 0})
+    with pytest.raises(UsageError, match="polarity"):
+        build(BinnerConfig, {"polarity": "both"})
+
+
+def test_events_spanning_packets_keep_the_dv_layout() -> None:
+    from stream.events import EVENT_DTYPE
+
+    b, _ = _binner()
+    b.process(EventPacket(make_events([0, 1], [0, 1], [0, 0], [1, 1]), SIZE))
+    b.process(EventPacket(make_events([2, 3], [1, 2], [0, 0], [1, 0]), SIZE))
+    (s,) = _steps(b.process(EventPacket(make_events([10], [0], [0], [1]), SIZE)))
+    assert s.events.dtype == EVENT_DTYPE and s.n_events == 4

@@ -11,6 +11,7 @@ says so in the results; the fallback is PERF-NOTES' "realistic moving-object sce
 from __future__ import annotations
 
 import glob
+import os
 import threading
 from pathlib import Path
 
@@ -20,7 +21,11 @@ from stream.binner import Binner, BinnerConfig
 from stream.config import Config, build
 from stream.events import EVENT_DTYPE, EventPacket, SensorSize, Step, StreamReset, make_events
 
-REAL_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real"
+#: ``../shared/data/real`` next to the checkout; ``SPIKESTREAM_REAL_DIR`` overrides it (machines
+#: where the shared folder lives elsewhere).
+REAL_DIR = Path(
+    os.environ.get("SPIKESTREAM_REAL_DIR") or Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real"
+)
 
 
 def bin_steps(events: np.ndarray, size: SensorSize, bin_us: int = 1000, labels: np.ndarray | None = None) -> list[Step]:

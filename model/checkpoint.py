@@ -76,11 +76,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise UsageError(f"checkpoint {p} not found; pass an existing .pt file to --weights or omit it for the default")
     try:
         data = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except pickle.UnpicklingError:
+        # torch's message is many lines of advice to pass weights_only=False: exactly what we refuse.
         raise NodeError(
-            f"checkpoint {p} refused: it holds pickled objects other than tensors ({first[:120]}); "
-            "only spikestream.ckpt.v1 files are loaded, never arbitrary pickles"
+            f"checkpoint {p} refused: not a SpikeStream checkpoint, or it holds pickled objects other than "
+            "tensors (never unpickled); pass a spikestream.ckpt.v1 file written by save_checkpoint"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise NodeError(f"{p} is not a SpikeStream checkpoint ({type(e).__name__}); pass a file written by save_checkpoint") from None

@@ -50,7 +50,7 @@ class ModelConfig:
     """
 
     conv1: Conv1Kind = "gabor"
-    conv1_gain: float = 24.0
+    conv1_gain: float = 32.0
     input_mode: Literal["binary", "count"] = "binary"
     theta1: Threshold = 10.0
     theta2: Threshold = 10.0
@@ -64,7 +64,7 @@ class ModelConfig:
     n_classes: int = 1
     decoder_threshold: float = 0.0
     decoder_gate: bool = True
-    mask_window: int = 5
+    mask_window: int = 3
     mask_window_mode: Literal["union", "decay"] = "union"
     mask_decay: float = 0.8
     instances: bool = True

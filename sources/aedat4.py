@@ -580,7 +580,7 @@ class Aedat4Source(SourceNode):
         seg_t0: int | None = None  # pacing reference: first event of the segment
         seg_w0 = 0.0
         try:
-            while True:
+            while not (stop is not None and stop.is_set()):
                 kind, payload = self._recv(reader, path, n_file)
                 if kind == "done":
                     return n_file
@@ -631,6 +631,7 @@ class Aedat4Source(SourceNode):
         finally:
             if bar is not None:
                 bar.close()
+        return n_file
 
     def _check(self, ev: np.ndarray, size: SensorSize, path: Path, n_read: int, last_t: int | None) -> None:
         """Reject what can only be a corrupt decode: events outside the sensor, time going back."""

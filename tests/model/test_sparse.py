@@ -65,7 +65,7 @@ def _assert_same(sp, out, st, dout, cfg, enc, t):
 def test_scene_spikes_indices_masks_identical_to_dense() -> None:
     rng = np.random.default_rng(0)
     cfg, enc, sp = _pair()
-    frames = [_scene(t, 48, 64, rng) for t in range(40)]
+    frames = [_scene(t, 48, 64, rng) for t in range(30)]
     n3 = 0
     for t, (out, st, dout, dst) in enumerate(_run_both(cfg, enc, sp, frames)):
         _assert_same(sp, out, st, dout, cfg, enc, t)
@@ -76,19 +76,54 @@ def test_scene_spikes_indices_masks_identical_to_dense() -> None:
     assert out.layer_spikes["conv1"] == int(dout.layer_spikes["conv1"].sum())
 
 
-def test_random_weights_count_input_ungated_many_steps() -> None:
-    rng = np.random.default_rng(1)
+def _random_setup(quantise: bool):
     g = torch.Generator().manual_seed(1)
     w2 = torch.rand((36, 4, 5, 5), generator=g)
     w3 = torch.rand((2, 36, 7, 7), generator=g) * 0.5
+    q = (lambda w: (w * 4096).round() / 4096) if quantise else (lambda w: w)  # noqa: E731
     cfg, enc, sp = _pair({"input_mode": "count", "n_classes": 2, "decoder_gate": False,
-                          "theta2": 12.0, "theta3": 40.0}, w2, w3)
-    frames = [(_scene(t, 32, 40, rng, 0.03) * rng.integers(1, 4, (2, 32, 40))).astype(np.float32) for t in range(120)]
+                          "theta2": 12.0, "theta3": 40.0}, q(w2), q(w3))
+    with torch.no_grad():
+        enc.w1.copy_(q(enc.w1))
+    return cfg, enc, SparseSpikeSEG.from_encoder(enc)
+
+
+def _random_frames(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [(_scene(t, 32, 40, rng, 0.03) * rng.integers(1, 4, (2, 32, 40))).astype(np.float32) for t in range(n)]
+
+
+def test_random_grid_weights_count_input_ungated_many_steps() -> None:
+    """Weights on a 2^-12 grid: float32 conv sums are exact, so the current dense path must match."""
+    cfg, enc, sp = _random_setup(quantise=True)
     n3 = 0
-    for t, (out, st, dout, _d) in enumerate(_run_both(cfg, enc, sp, frames)):
+    for t, (out, st, dout, _d) in enumerate(_run_both(cfg, enc, sp, _random_frames(90))):
         _assert_same(sp, out, st, dout, cfg, enc, t)
         n3 += out.layer_spikes["conv3"]
     assert n3 > 0
+
+
+class _F64Conv:
+    """torch.nn.functional with conv2d accumulating in float64 and rounding once to float32."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch.nn.functional, name)
+
+    @staticmethod
+    def conv2d(x: torch.Tensor, w: torch.Tensor, padding: int = 0) -> torch.Tensor:
+        return torch.nn.functional.conv2d(x.double(), w.double(), padding=padding).float()
+
+
+def test_arbitrary_float_weights_match_float64_accumulating_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arbitrary float32 weights: torch's float32 conv is not correctly rounded (this seed
+    flips one Conv2 spike at step 80: exact sum 12.99999988 rounds to 13.0, torch gives
+    12.999999046); a dense conv accumulating in float64 matches bit for bit."""
+    import model.encoder
+
+    monkeypatch.setattr(model.encoder, "F", _F64Conv())
+    cfg, enc, sp = _random_setup(quantise=False)
+    for t, (out, st, dout, _d) in enumerate(_run_both(cfg, enc, sp, _random_frames(120))):
+        _assert_same(sp, out, st, dout, cfg, enc, t)
 
 
 def test_exact_threshold_ties_with_dyadic_weights() -> None:

@@ -83,3 +83,117 @@ def test_eval_config_validates() -> None:
         build(EvalConfig, {"cell_px": 0})
     with pytest.raises(UsageError, match="unknown config key"):
         build(EvalConfig, {"cell": 8})
+
+
+# --------------------------------------------------------------------------- end to end (real engine, model)
+
+TINY = """
+synthetic: {{width: 64, height: 48, duration_s: {dur}, scene: {scene}, seed: 1000, noise_hz: 0.5}}
+engine: {{runs_dir: "{runs}", status_s: 0, device: cpu}}
+model: {{instances: false}}
+eval: {{strip_frames: 3}}
+"""
+
+
+def _args(tmp_path: Path, **kw: object) -> argparse.Namespace:
+    base = dict(source=None, weights=None, config=None, preset=None, device=None, json=None, png=None,
+                benchmark=False, sweep=False, duration=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _tiny_config(tmp_path: Path, dur: float = 0.06, scene: str = "shapes") -> Path:
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY.format(dur=dur, scene=scene, runs=tmp_path / "runs"))
+    return p
+
+
+def _all_metrics(s: dict) -> None:
+    for method in ("model", "baseline"):
+        m = s[method]
+        for block in ("event", "pixel", "volume"):
+            assert set(m[block]) >= {"tp", "fp", "fn", "tn", "precision", "recall", "f1", "iou", "informedness", "bg_marked"}
+        assert set(m["detection"]) >= {"tp", "fp", "fn", "precision", "recall"}
+        assert "pixel_iou_mean" in m and "mask_nonempty" in m
+
+
+@pytest.mark.slow
+def test_eval_tiny_synthetic_scene_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfgp = _tiny_config(tmp_path)
+    out_json, out_png = tmp_path / "e.json", tmp_path / "e.png"
+    assert E.main(_args(tmp_path, source="synthetic", config=str(cfgp), json=str(out_json), png=str(out_png))) == 0
+    rep = json.loads(out_json.read_text())
+    assert rep["format"] == E.EVAL_FORMAT and list(rep["scenes"]) == ["synthetic"]
+    s = rep["scenes"]["synthetic"]
+    assert s["steps"] >= 55 and s["object_events"] > 0 and s["labelled_events"] == s["events"]
+    _all_metrics(s)
+    _all_metrics(rep["overall"])
+    assert rep["targets"]["event_iou"]["min"] == 0.80
+    # the event confusion covers exactly the labelled events, for both methods
+    for method in ("model", "baseline"):
+        ev = s[method]["event"]
+        assert ev["tp"] + ev["fp"] + ev["fn"] + ev["tn"] == s["labelled_events"]
+    assert out_png.stat().st_size > 10_000
+    assert "| synthetic | model |" in capsys.readouterr().out
+
+
+def _dv_write(path: Path, ev: np.ndarray, size: SensorSize) -> None:
+    import dv_processing as dv
+
+    writer = dv.io.MonoCameraWriter(str(path), dv.io.MonoCameraWriter.EventOnlyConfig("test", (size.width, size.height)))
+    store = dv.EventStore()
+    for e in ev:
+        store.push_back(int(e["timestamp"]), int(e["x"]), int(e["y"]), bool(e["polarity"]))
+    writer.writeEvents(store)
+    del writer
+
+
+@pytest.mark.slow
+def test_eval_labelled_recording_matches_the_synthetic_truth(tmp_path: Path) -> None:
+    """A recording + rec.labels.npz scores exactly as the synthetic scene it was written from."""
+    from sources import labels as L
+    from sources.synthetic import SyntheticConfig, SyntheticSource
+
+    cfgp = _tiny_config(tmp_path, dur=0.05)
+    sc = build(SyntheticConfig, {"width": 64, "height": 48, "duration_s": 0.05, "scene": "shapes", "seed": 1000,
+                                 "noise_hz": 0.5})
+    src = SyntheticSource(sc)
+    src.open(RunContext(stop=threading.Event(), metrics=None))
+    pk = [p for p in src.packets() if len(p)]
+    ev = np.concatenate([p.events for p in pk])
+    lab = np.concatenate([p.labels for p in pk])
+    rec = tmp_path / "rec.aedat4"
+    _dv_write(rec, ev, src.size)
+    L.save_event_labels(L.labels_path(rec), ev, lab)
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    assert E.main(_args(tmp_path, source=str(rec), config=str(cfgp), json=str(a), png=str(tmp_path / "a.png"))) == 0
+    assert E.main(_args(tmp_path, source="synthetic", config=str(cfgp), json=str(b), png=str(tmp_path / "b.png"))) == 0
+    ra, rb = json.loads(a.read_text())["scenes"]["rec"], json.loads(b.read_text())["scenes"]["synthetic"]
+    assert ra["unlabelled_events"] == 0 and ra["labelled_events"] == len(ev)
+    for method in ("model", "baseline"):
+        assert ra[method]["event"] == rb[method]["event"]
+        assert ra[method]["volume"] == rb[method]["volume"]
+
+
+def test_eval_refuses_a_recording_without_ground_truth(tmp_path: Path) -> None:
+    rec = tmp_path / "plain.aedat4"
+    _dv_write(rec, make_events([1, 2], [1, 2], [1, 2], [1, 1]), SensorSize(16, 16))
+    with pytest.raises(UsageError, match="no ground truth"):
+        E.main(_args(tmp_path, source=str(rec), config=str(_tiny_config(tmp_path))))
+    with pytest.raises(UsageError, match="cannot be combined"):
+        E.main(_args(tmp_path, source="synthetic", sweep=True, config=str(_tiny_config(tmp_path))))
+
+
+@pytest.mark.slow
+def test_sweep_writes_a_table(tmp_path: Path) -> None:
+    from stream.config import load_config
+
+    cfg = load_config(_tiny_config(tmp_path, dur=0.03))
+    scenes = [E.source_scene("synthetic", cfg)]
+    res = E.sweep(cfg, scenes, weights=None, duration_s=None, out_dir=tmp_path / "sw",
+                  knobs={"mask_window": [1, 5]})
+    assert [r["value"] for r in res["rows"]] == [1, 5] and res["best"]["mask_window"] in (1, 5)
+    assert all(r["informedness"] is None or -1 <= r["informedness"] <= 1 for r in res["rows"])
+    md = E.sweep_markdown(res)
+    assert md.count("| mask_window |") == 2 and "default" in md

@@ -1,0 +1,84 @@
+"""--adapt on a replay: weights change, every step still yields a mask, the saved checkpoint loads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import model.adapt as adapt  # registers the 'adapt' section
+import model.train  # noqa: F401  (registers 'train': the adapter reads its rates and WTA settings)
+from model.checkpoint import DEFAULT_WEIGHTS, apply_checkpoint, read_checkpoint
+from model.encoder import Encoder
+from stream.config import build, load_config
+from stream.events import MaskResult
+from stream.node import SinkNode, UsageError
+
+
+class ListSink(SinkNode):
+    name = "list"
+
+    def __init__(self) -> None:
+        self.items: list[MaskResult] = []
+
+    def process(self, item) -> None:
+        if isinstance(item, MaskResult):
+            self.items.append(item)
+
+
+def _cfg(save: Path, **adapt_over):
+    return load_config(None, None, {
+        "binner": {"bin_us": 5000},
+        "synthetic": {"scene": "shapes", "n_objects": 6, "duration_s": 0.5, "width": 64, "height": 64},
+        "model": {"instances": False},
+        "engine": {"status_s": 0, "device": "cpu"},
+        "adapt": {"enabled": True, "every_n_steps": 5, "max_share": 1.0, "save_weights": str(save), **adapt_over},
+    })
+
+
+@pytest.mark.parametrize("layers", [["conv2"], ["conv2", "conv3"]])
+def test_adapt_on_replay_changes_weights_and_saves(tmp_path: Path, layers: list[str]) -> None:
+    from stream.engine import run_pipeline
+    from stream.registry import build_source
+
+    save = tmp_path / "adapted.pt"
+    cfg = _cfg(save, layers=layers)
+    sink = ListSink()
+    holder: list[adapt.OnlineAdapter] = []
+    summary = run_pipeline(cfg, build_source("synthetic", cfg), [sink],
+                           model_hook=lambda node: holder.append(adapt.attach(node, cfg)))
+    assert summary.error is None
+    assert summary.steps > 50 and len(sink.items) == summary.steps  # a mask for every step
+    assert [r.step.index for r in sink.items] == list(range(summary.steps))
+    ad = holder[0]
+    assert ad.updates > 0 and sink.items[-1].extra["adapt.updates"] == ad.updates
+    assert 0.0 < sink.items[-1].extra["adapt.c_l"] <= 0.25
+    ck = read_checkpoint(save)
+    default = read_checkpoint(DEFAULT_WEIGHTS)
+    assert not torch.equal(ck.w2, default.w2)
+    assert torch.equal(ck.w3, default.w3) == ("conv3" not in layers)
+    assert ck.metadata["adapted"] is True and ck.metadata["updates"] == ad.updates
+    enc = Encoder(cfg["model"], 2)
+    apply_checkpoint(enc, ck)  # loads into a fresh model
+    assert torch.equal(enc.w2, ck.w2)
+
+
+def test_budget_limits_updates(tmp_path: Path) -> None:
+    """With a tiny share of wall time, most update opportunities are skipped, never waited for."""
+    from stream.engine import run_pipeline
+    from stream.registry import build_source
+
+    cfg = _cfg(tmp_path / "a.pt", every_n_steps=1, max_share=0.001)
+    holder: list[adapt.OnlineAdapter] = []
+    sink = ListSink()
+    summary = run_pipeline(cfg, build_source("synthetic", cfg), [sink],
+                           model_hook=lambda node: holder.append(adapt.attach(node, cfg)))
+    assert summary.error is None and len(sink.items) == summary.steps
+    assert holder[0].skipped_budget > holder[0].updates
+
+
+def test_bad_adapt_config() -> None:
+    with pytest.raises(UsageError, match="layers"):
+        build(adapt.AdaptConfig, {"layers": ["conv1"]})
+    with pytest.raises(UsageError, match="max_share"):
+        build(adapt.AdaptConfig, {"max_share": 0})

@@ -1,0 +1,184 @@
+"""HULK-SMASH grouping, stable ids, and per-spike decoding (batched == one at a time)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.decoder import decode_saliency
+from model.encoder import Encoder
+from model.instances import (
+    InstanceParams,
+    bbox_iou,
+    dense_spike_supports,
+    fresh_instance_state,
+    group_instances,
+    instances_step,
+    jaccard,
+    onehot_spikes,
+    select_spikes,
+    sparse_instances,
+    track,
+)
+from model.sparse import SparseSpikeSEG
+from stream.config import build
+
+pytestmark = pytest.mark.timeout(300)  # first run compiles the numba kernels (cached afterwards)
+
+W = 64
+
+
+def _box_pixels(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    ys, xs = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
+    return np.sort((ys * W + xs).ravel())
+
+
+def _supports(boxes: list[tuple[int, int, int, int]]):
+    pix = [_box_pixels(*b) for b in boxes]
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in pix])]).astype(np.int64)
+    return offsets, np.concatenate(pix).astype(np.int64), np.array(boxes, np.int64)
+
+
+def test_jaccard_and_iou_hand_cases() -> None:
+    a = np.array([0b1011, 0b0001], np.uint64)
+    b = np.array([0b0011, 0b0010], np.uint64)
+    assert jaccard(a, b) == pytest.approx(2 / 5)  # inter {0,1 | -} = 2, union {0,1,3 | 0,1} = 5
+    assert jaccard(np.zeros(2, np.uint64), np.zeros(2, np.uint64)) == 0.0
+    assert jaccard(a, a) == 1.0
+    assert bbox_iou((0, 0, 9, 9), (0, 0, 9, 9)) == 1.0
+    assert bbox_iou((0, 0, 9, 9), (5, 0, 14, 9)) == pytest.approx(50 / 150)
+    assert bbox_iou((0, 0, 3, 3), (4, 4, 5, 5)) == 0.0
+    assert bbox_iou((2, 2, 2, 2), (2, 2, 2, 2)) == 1.0  # one pixel, inclusive
+
+
+def test_two_blobs_two_objects_one_blob_one_object() -> None:
+    feats = np.array([[0b111, 0b11]] * 3 + [[0b111000, 0b1000]] * 2, np.uint64)
+    boxes = [(2, 2, 12, 12), (4, 3, 14, 13), (3, 5, 13, 15), (40, 30, 50, 40), (42, 31, 52, 41)]
+    offsets, pixels, bboxes = _supports(boxes)
+    cls = np.ones(5, np.int64)
+    objs = group_instances(offsets, pixels, bboxes, cls, feats, W, 0.1)
+    assert len(objs) == 2
+    (c0, b0, a0), (c1, b1, a1) = objs
+    assert (c0, b0) == (1, (2, 2, 14, 15)) and (c1, b1) == (1, (40, 30, 52, 41))
+    assert a0 == len(np.unique(np.concatenate([_box_pixels(*b) for b in boxes[:3]])))
+    assert a1 == len(np.unique(np.concatenate([_box_pixels(*b) for b in boxes[3:]])))
+    # one blob: only the first three instances
+    o3, p3, b3 = _supports(boxes[:3])
+    assert len(group_instances(o3, p3, b3, cls[:3], feats[:3], W, 0.1)) == 1
+    # same place, disjoint features: SMASH = 0, so no join
+    feats2 = feats.copy()
+    feats2[1] = np.array([0b1 << 20, 0], np.uint64)
+    assert len(group_instances(o3, p3, b3, cls[:3], feats2[:3], W, 0.1)) == 2
+    # different classes never join
+    assert len(group_instances(o3, p3, b3, np.array([1, 2, 1]), feats[:3], W, 0.1)) == 2
+
+
+def test_stable_ids_while_moving_new_ids_never_reused_and_reset() -> None:
+    p = InstanceParams()
+    st = fresh_instance_state(48, W, p)
+    seen = []
+    for t in range(8):
+        objs = [(1, (2 + 2 * t, 5, 12 + 2 * t, 15), 100), (1, (40, 30 - t, 50, 40 - t), 100)]
+        if t >= 5:
+            objs = objs[:1]  # the second object leaves
+        if t == 7:
+            objs.append((1, (40, 25, 50, 35), 100))  # a new one where the old one was, two steps later
+        seen.append([i.id for i in track(objs, st, p.track_iou)])
+    assert seen[:5] == [[1, 2]] * 5
+    assert seen[5:7] == [[1], [1]]
+    assert seen[7] == [1, 3]  # id 2 is not reused
+    st2 = fresh_instance_state(48, W, p)
+    assert [i.id for i in track([(1, (2, 5, 12, 15), 100)], st2, p.track_iou)] == [1]
+
+
+def test_ash_uses_conv2_history_in_support() -> None:
+    p = InstanceParams(ash_window=3)
+    st = fresh_instance_state(48, W, p)
+    # feature 5 at Conv2 position (y=3, x=4) -> pixels (6..7, 8..9); feature 7 far away
+    s2 = np.array([(3 * (W // 2) + 4) * 36 + 5, (20 * (W // 2) + 30) * 36 + 7], np.int64)
+    supports = _supports([(8, 6, 9, 7), (8, 6, 9, 7)])
+    objs, st = instances_step(supports, np.array([1, 1]), s2, W, st, p)
+    assert len(objs) == 1 and objs[0].area == 4
+    from model.instances import _ash
+
+    ash = _ash(supports[0], supports[1], W, st.h2, st.w2, st.hist, st.slot)
+    assert ash[0, 0] == np.uint64(1 << 5) and ash[0, 1] == 0
+
+
+def _model_and_steps(n_steps: int, gap: int = 60):
+    cfg = build(ModelConfig, {})
+    enc = Encoder(cfg, 2)
+    sp = SparseSpikeSEG.from_encoder(enc)
+    h, w = 64, 128
+    frames = []
+    for t in range(n_steps):
+        f = np.zeros((2, h, w), np.float32)
+        for x0, y0 in ((6 + t, 16), (6 + gap + t, 30)):
+            f[1, y0 : y0 + 18, x0 : x0 + 2] = 1
+            f[0, y0 : y0 + 18, x0 + 14 : x0 + 16] = 1
+            f[1, y0 : y0 + 2, x0 : x0 + 16] = 1
+        frames.append(f)
+    return cfg, enc, sp, frames
+
+
+def test_batched_onehot_decode_equals_per_spike_decode_and_sparse() -> None:
+    cfg, enc, sp, frames = _model_and_steps(12)
+    st = dst = None
+    checked = 0
+    for f in frames:
+        out, st = sp.step(f, st)
+        dout, dst = enc.step(enc.prepare_input(torch.from_numpy(f)), dst)
+        if not len(out.s3):
+            continue
+        (offs, pix, boxes), cls, skipped = dense_spike_supports(dout, enc.w1, enc.w2, enc.w3, True, 0.0, cap=4096)
+        assert skipped == 0 and len(cls) == len(out.s3)
+        # one at a time through the same dense decoder
+        oh, flat = onehot_spikes(dout.classification_spikes)
+        assert np.array_equal(flat.numpy(), out.s3)
+        for b in range(0, len(flat), max(1, len(flat) // 7)):
+            one = dout._replace(classification_spikes=oh[b : b + 1])
+            sal = decode_saliency(one, enc.w1, enc.w2, enc.w3, True)[0, 0]
+            single = np.nonzero((sal > 0).reshape(-1).numpy())[0]
+            assert np.array_equal(single, pix[offs[b] : offs[b + 1]])
+        # the sparse path's per-spike supports are the same sets
+        s_offs, s_pix, s_boxes = sp.spike_supports(st, out.s3)
+        assert np.array_equal(s_offs, offs) and np.array_equal(s_pix, pix) and np.array_equal(s_boxes, boxes)
+        checked += 1
+    assert checked >= 3
+
+
+def test_end_to_end_two_moving_objects_keep_ids_and_reset() -> None:
+    cfg, enc, sp, frames = _model_and_steps(14)
+    p = InstanceParams()
+    st = ist = None
+    tracks: dict[int, list[int]] = {}
+    for t, f in enumerate(frames):
+        out, st = sp.step(f, st)
+        objs, ist = sparse_instances(sp, st, out, ist, p)
+        big = sorted(objs, key=lambda o: -o.area)[:2]
+        if t >= 4:
+            assert len(big) == 2 and bbox_iou(big[0].bbox, big[1].bbox) == 0.0
+            for o in big:
+                tracks.setdefault(o.bbox[0] < 64, []).append(o.id)
+        for o in objs:  # every object lies on lit mask pixels
+            x0, y0, x1, y1 = o.bbox
+            assert out.mask[y0 : y1 + 1, x0 : x1 + 1].any()
+    assert all(len(set(ids)) == 1 for ids in tracks.values()), tracks
+    assert len(tracks) == 2
+    # reset: fresh states restart ids at 1
+    st, ist = None, None
+    out, st = sp.step(frames[-1], st)
+    objs, ist = sparse_instances(sp, st, out, ist, p)
+    assert min(o.id for o in objs) == 1
+
+
+def test_spike_cap_and_params_validation() -> None:
+    s = np.arange(100, dtype=np.int64)
+    sel, skipped = select_spikes(s, 64)
+    assert len(sel) == 64 and skipped == 36 and sel[0] == 0 and sel[-1] == 99
+    assert select_spikes(s[:10], 64)[1] == 0
+    with pytest.raises(ValueError, match="smash_tau"):
+        InstanceParams(smash_tau=0.0)
+    with pytest.raises(ValueError, match="ash_window"):
+        InstanceParams(ash_window=0)

@@ -1,0 +1,183 @@
+"""ModelNode: lifecycle, Step -> MaskResult, reset semantics, batch == stepwise, errors, CPU vs CUDA."""
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.node import ModelNode, build_model_node
+from stream.config import Config, build
+from stream.events import MaskResult, SensorSize, Step, StreamReset, empty_events
+from stream.node import NodeError, RunContext, UsageError
+
+SIZE = SensorSize(40, 32)
+
+
+def _config(**model_kw) -> Config:
+    cfg = Config()
+    cfg["model"] = build(ModelConfig, {"conv1_gain": 40.0, "mask_window": 3, "path": "dense", **model_kw})
+    return cfg
+
+
+def _steps(n: int, size: SensorSize = SIZE, start: int = 0) -> list[Step]:
+    """A 2-px bar moving right 1 px per step, ON leading / OFF trailing edge."""
+    out = []
+    for t in range(start, start + n):
+        f = torch.zeros(2, size.height, size.width)
+        x = 4 + t % (size.width - 8)
+        f[1, 3 : size.height - 3, x] = 1.0
+        f[0, 3 : size.height - 3, x - 2] = 1.0
+        out.append(Step(t, t * 1000, (t + 1) * 1000, f, empty_events(), size, time.perf_counter_ns()))
+    return out
+
+
+def _ctx() -> RunContext:
+    return RunContext(stop=threading.Event(), metrics=None)
+
+
+def _node(**kw) -> ModelNode:
+    node = build_model_node(_config(**kw), SIZE, 2, "cpu")
+    node.open(_ctx())
+    return node
+
+
+def _summary(results: list[MaskResult]) -> list[tuple[bytes, dict[str, int]]]:
+    return [(r.mask.tobytes(), r.layer_spikes) for r in results]
+
+
+def test_step_to_mask_result() -> None:
+    node = _node()
+    try:
+        res = [node.process(s)[0] for s in _steps(12)]
+    finally:
+        node.close()
+    for r in res:
+        assert isinstance(r, MaskResult)
+        assert r.mask.shape == (32, 40) and r.mask.dtype == np.uint8
+        assert set(r.layer_spikes) == {"conv1", "conv2", "conv3"}
+        assert all(type(v) is int for v in r.layer_spikes.values())
+        assert r.model_done_ns >= r.step.closed_ns
+        assert r.instances == [] or all(hasattr(i, "bbox") for i in r.instances)
+    assert sum(r.layer_spikes["conv3"] for r in res) > 0
+    lit = [r for r in res if r.mask.any()]
+    assert lit, "a moving bar must produce a mask"
+    ys, xs = np.nonzero(lit[-1].mask)
+    assert xs.max() - xs.min() < 30  # the mask follows the bar, not the whole frame
+
+
+def test_batch_equals_stepwise() -> None:
+    a, b = _node(), _node()
+    try:
+        steps = _steps(10)
+        one = [a.process(s)[0] for s in steps]
+        many = b.process_batch(steps[:3]) + b.process_batch(steps[3:4]) + b.process_batch(steps[4:])
+    finally:
+        a.close()
+        b.close()
+    assert _summary(one) == _summary(many)
+
+
+def test_reset_drops_state_and_passes_on() -> None:
+    steps = _steps(8)
+    node, fresh = _node(), _node()
+    try:
+        for s in steps[:5]:
+            node.process(s)
+        r = StreamReset("loop")
+        assert node.process(r) == [r]
+        after = [node.process(s)[0] for s in steps[5:]]
+        ref = [fresh.process(s)[0] for s in steps[5:]]
+        assert _summary(after) == _summary(ref)
+        node.reset()
+        assert node._enc_state is None and node._win_state is None
+    finally:
+        node.close()
+        fresh.close()
+
+
+def test_state_carries_without_reset() -> None:
+    node = _node(mask_window=1)
+    try:
+        steps = _steps(6)
+        r1 = [node.process(s)[0] for s in steps]
+        node.reset()
+        r2 = [node.process(s)[0] for s in steps[3:]]
+    finally:
+        node.close()
+    # the same frames give different spikes with and without the history before them
+    assert [x.layer_spikes for x in r1[3:]] != [x.layer_spikes for x in r2]
+
+
+def test_reset_with_new_size_resizes() -> None:
+    node = _node()
+    try:
+        node.process_batch(_steps(3))
+        new = SensorSize(24, 20)
+        node.process(StreamReset("new file", size=new))
+        res = node.process(_steps(3, new)[2])[0]
+        assert res.mask.shape == (20, 24)
+        with pytest.raises(NodeError, match="StreamReset with the new size"):
+            node.process(_steps(1, SIZE)[0])
+    finally:
+        node.close()
+
+
+def test_constructor_validates(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="weights file .* not found"):
+        build_model_node(_config(), SIZE, 2, "cpu", str(tmp_path / "none.pt"))
+    with pytest.raises(UsageError, match="in_channels"):
+        build_model_node(_config(), SIZE, 3, "cpu")
+    with pytest.raises(UsageError, match="device"):
+        build_model_node(_config(), SIZE, 2, "warp-drive")
+    with pytest.raises(UsageError, match="too small"):
+        build_model_node(_config(), SensorSize(3, 10), 2, "cpu")
+    node = build_model_node(_config(), SIZE, 2, "cpu")
+    with pytest.raises(NodeError, match="before open"):
+        node.process(_steps(1)[0])
+    node.close()  # close of an unopened node is fine, and idempotent
+    node.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("model.sparse") is None, reason="model/sparse.py not present")
+def test_sparse_path_gives_the_dense_masks_spikes_and_instances() -> None:
+    dense, sparse = _node(path="dense"), _node(path="sparse")
+    assert (dense.path, sparse.path) == ("dense", "sparse")
+    try:
+        steps = _steps(12)
+        a = [dense.process(s)[0] for s in steps]
+        b = [sparse.process(s)[0] for s in steps]
+    finally:
+        dense.close()
+        sparse.close()
+    assert _summary(a) == _summary(b)
+    assert [r.instances for r in a] == [r.instances for r in b]
+    assert any(r.instances for r in a)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_requested_without_cuda_is_a_node_error() -> None:
+    node = build_model_node(_config(), SIZE, 2, "cuda")
+    with pytest.raises(NodeError, match="CUDA is not available"):
+        node.open(_ctx())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_and_cuda_give_identical_masks() -> None:
+    cpu, gpu = build_model_node(_config(), SIZE, 2, "cpu"), build_model_node(_config(), SIZE, 2, "cuda")
+    cpu.open(_ctx())
+    gpu.open(_ctx())
+    try:
+        steps = _steps(15)
+        a = [cpu.process(s)[0] for s in steps]
+        gsteps = [Step(s.index, s.t0_us, s.t1_us, s.frame.cuda(), s.events, s.size, s.closed_ns) for s in steps]
+        b = [gpu.process(s)[0] for s in gsteps]
+    finally:
+        cpu.close()
+        gpu.close()
+    assert _summary(a) == _summary(b)

@@ -26,7 +26,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest -q
 
-bench: $(STAMP)
+# Peers (spikingjelly, snnTorch) only for benchmarks, never for `make test`. --no-deps and a pin to
+# the installed torch: their dependency trees otherwise replace torch (and pull torchvision/audio).
+PEERS := $(VENV)/.peers
+$(PEERS): benchmarks/requirements-peers.txt $(STAMP)
+	$(VPY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(PIP) install -q --no-deps -c $(VENV)/torch-pin.txt -r benchmarks/requirements-peers.txt
+	touch $(PEERS)
+
+bench: $(STAMP) $(PEERS)
 	$(VPY) -m benchmarks.run
 
 soak: $(STAMP)

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="synthetic", help="input: synthetic[:SCENE], camera[:SERIAL], FILE.aedat4, DIR, 'GLOB', tcp://HOST:PORT, unix:PATH (default: synthetic)")
     p.add_argument("--sink", action="append", default=None, help="output, repeatable: zmq[:ENDPOINT], overlay[:PATH.mp4|.avi|DIR/], record:PATH.aedat4 (default: overlay)")
     p.add_argument("--config", "-c", default=None, help="YAML config file (sections as in configs/default.yaml)")
-    p.add_argument("--preset", default=None, help="paper preset: igarss2023 (default) or kheradpisheh2018")
+    p.add_argument("--preset", default=None, help="default (IGARSS 2023 network calibrated for event bins), or paper-exact igarss2023 | kheradpisheh2018")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="model device (default auto: CUDA when present)")
     p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds of sensor time")

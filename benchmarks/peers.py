@@ -26,9 +26,9 @@ Conv3 is silent; that shortcut is part of what is being compared).
   without delay, then ``mem <- max(mem, 0)`` outside the neuron.  That is exact because
   theta > 0: ``max(u, 0) >= theta`` iff ``u >= theta``, so flooring after the spike
   decision changes nothing.  snnTorch fires on ``mem > threshold``, so the threshold
-  is ``theta - 1/512`` (PERF-NOTES), and it adds ``mem + (I - lambda)`` where we add
-  ``(V + I) - lambda``: both differ from ours only within float rounding of theta, which
-  the equality check before timing would reveal.
+  is the float32 just below theta (exact; PERF-NOTES' ``theta - 1/512`` flipped spikes
+  here), and it adds ``mem + (I - lambda)`` where we add ``(V + I) - lambda``: that can
+  differ in the last bit, which the equality check before timing reveals.
 
 Only ``n_classes == 1``, scalar thresholds, subtractive leak, no fire-once and the
 ``union`` window are implemented (the defaults); other configs raise ValueError.
@@ -36,6 +36,7 @@ Only ``n_classes == 1``, scalar thresholds, subtractive leak, no fire-once and t
 from __future__ import annotations
 
 import collections
+import math
 import importlib.util
 from typing import Any, NamedTuple
 
@@ -243,9 +244,14 @@ class SnnTorchPeer:
         import snntorch as snn  # optional peer, installed by `make bench`
 
         self.p = p
-        eps = 1.0 / 512.0  # snnTorch fires on mem > threshold; ours on V >= theta
+        # snnTorch fires on mem > threshold, ours on V >= theta.  PERF-NOTES used theta - 1/512;
+        # the float32 just below theta is exact instead: no float32 lies between the two, so
+        # mem > below(theta) iff mem >= theta.  (theta - 1/512 flipped spikes on scene input.)
+        def below(t: float) -> float:
+            return float(torch.nextafter(torch.tensor(t, dtype=torch.float32), torch.tensor(-math.inf)))
+
         self.neurons = [
-            snn.Leaky(beta=1.0, threshold=p.theta[k] - eps, reset_mechanism="zero", reset_delay=False)
+            snn.Leaky(beta=1.0, threshold=below(p.theta[k]), reset_mechanism="zero", reset_delay=False)
             for k in range(3)
         ]
         self.reset()

@@ -249,23 +249,26 @@ def attach(node: Any, cfg: Config, metrics: Any = None) -> OnlineAdapter:
     """Install an :class:`OnlineAdapter` on an *opened* :class:`model.node.ModelNode` from outside.
 
     For ``run_pipeline(model_hook=...)`` until the node calls the hook itself (see the module
-    docstring for the calls the node makes).  It wraps the node's ``_encode`` (to capture the
-    step's output and start state) and ``_one`` (to run the hook after the mask is made and
+    docstring for the calls the node makes).  It wraps the encoder's ``step`` (to capture the
+    step's output and start state) and the node's ``_one`` (to run the hook after the mask is made and
     fill ``MaskResult.extra``), and ``reset``/``close``.
     """
+    if getattr(node, "path", "dense") != "dense":
+        raise NodeError("--adapt needs the dense model path (the sparse model keeps its own weight copy); set model.path: dense")
     adapter = OnlineAdapter(cfg)
-    adapter.open(SimpleNamespace(metrics=metrics), node.encoder)
-    orig_encode, orig_one, orig_reset, orig_close = node._encode, node._one, node.reset, node.close
+    enc = node.encoder
+    adapter.open(SimpleNamespace(metrics=metrics), enc)
+    orig_step, orig_one, orig_reset, orig_close = enc.step, node._one, node.reset, node.close
     seen: dict[str, Any] = {}
 
-    def _encode(x: torch.Tensor, step: Any) -> Any:
-        seen["prev"] = node._enc_state
-        out, st = orig_encode(x, step)
+    def step(x: torch.Tensor, state: Any) -> Any:
+        seen["prev"] = state
+        out, st = orig_step(x, state)
         seen["out"] = out
         return out, st
 
-    def _one(step: Any) -> Any:
-        res = orig_one(step)
+    def _one(s: Any) -> Any:
+        res = orig_one(s)
         res.extra.update(adapter.after_step(node.encoder, seen["out"], seen["prev"]))
         return res
 
@@ -279,5 +282,5 @@ def attach(node: Any, cfg: Config, metrics: Any = None) -> OnlineAdapter:
         finally:
             orig_close()
 
-    node._encode, node._one, node.reset, node.close = _encode, _one, reset, close
+    enc.step, node._one, node.reset, node.close = step, _one, reset, close
     return adapter

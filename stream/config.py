@@ -27,6 +27,8 @@ import yaml
 from .node import UsageError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: The preset name of the plain dataclass defaults (no overlay).
+DEFAULT_PRESET = "default"
 PRESET_DIR = CONFIG_DIR / "presets"
 
 _SECTIONS: dict[str, type] = {}
@@ -210,20 +212,24 @@ def load_config(
 ) -> Config:
     """Resolve defaults <- preset <- file <- overrides into a :class:`Config`.
 
-    ``preset`` defaults to the file's top-level ``preset:`` key, else ``igarss2023``.
+    ``preset`` defaults to the file's top-level ``preset:`` key, else ``default``: the
+    dataclass defaults, i.e. the IGARSS 2023 network calibrated for event bins (see
+    README, "Presets and calibration").  A named preset overlays its paper-exact values.
     """
     from .registry import load_plugins
 
     load_plugins()
     raw: dict[str, Any] = {}
     file_data = read_yaml(path) if path is not None else {}
-    preset = preset or file_data.pop("preset", None) or "igarss2023"
+    preset = preset or file_data.pop("preset", None) or DEFAULT_PRESET
     file_data.pop("preset", None)
-    pfile = PRESET_DIR / f"{preset}.yaml"
-    if not pfile.is_file():
-        raise UsageError(f"unknown preset {preset!r}; available presets: {', '.join(preset_names())}")
-    raw = deep_merge(raw, read_yaml(pfile))
-    raw.pop("preset", None)
+    if preset != DEFAULT_PRESET:
+        pfile = PRESET_DIR / f"{preset}.yaml"
+        if not pfile.is_file():
+            names = ", ".join([DEFAULT_PRESET, *preset_names()])
+            raise UsageError(f"unknown preset {preset!r}; available presets: {names}")
+        raw = deep_merge(raw, read_yaml(pfile))
+        raw.pop("preset", None)
     raw = deep_merge(raw, file_data)
     raw = deep_merge(raw, overrides or {})
     unknown = sorted(set(raw) - set(_SECTIONS))

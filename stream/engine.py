@@ -424,10 +424,11 @@ class Pipeline:
         stream = self.status_stream
         tty = bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
         next_status = time.monotonic() + (period or 1e9)
-        while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(timeout=0.05)
+        while True:
+            alive = [t for t in threads if t.is_alive()]
+            if not alive:
                 break
+            alive[0].join(timeout=0.05)  # a dead thread's join returns at once: never spin on one
             now = time.monotonic()
             if now >= next_status:
                 self.metrics.tick()
@@ -439,9 +440,11 @@ class Pipeline:
             if self.stop.is_set():
                 # Graceful stop: give the drain its time, then abort whatever still runs.
                 end = time.monotonic() + self.ecfg.drain_s + 0.5
-                while any(t.is_alive() for t in threads) and time.monotonic() < end:
-                    for t in threads:
-                        t.join(timeout=0.05)
+                while time.monotonic() < end:
+                    alive = [t for t in threads if t.is_alive()]
+                    if not alive:
+                        break
+                    alive[0].join(timeout=0.05)
                 self.abort.set()
                 break
         if tty and period:

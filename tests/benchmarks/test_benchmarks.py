@@ -82,7 +82,6 @@ def _model_and_steps(size: SensorSize, n: int):  # type: ignore[no-untyped-def]
 
 def _assert_peer_equal(peer_cls, size: SensorSize = SensorSize(96, 72), n: int = 25) -> None:  # type: ignore[no-untyped-def]
     node, steps = _model_and_steps(size, n)
-    # a lower Conv1 threshold so the small scene drives spikes through all layers
     ref = node.process_batch(steps)
     peer = peer_cls(peers.params_from_encoder(node.encoder))
     out = peer.run([s.frame for s in steps])
@@ -107,9 +106,9 @@ def test_snntorch_peer_equals_node() -> None:
 
 
 def test_peers_refuse_configs_they_do_not_implement() -> None:
-    cfg = bench_model.model_config(n_classes=2, instances=False)
+    cfg = bench_model.model_config(mask_window_mode="decay", instances=False)
     node = bench_model.open_node(cfg, SensorSize(32, 32))
-    with pytest.raises(ValueError, match="n_classes=2"):
+    with pytest.raises(ValueError, match="mask_window_mode=decay"):
         peers.params_from_encoder(node.encoder)
 
 

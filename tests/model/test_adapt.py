@@ -30,7 +30,7 @@ def _cfg(save: Path, **adapt_over):
     return load_config(None, None, {
         "binner": {"bin_us": 5000},
         "synthetic": {"scene": "shapes", "n_objects": 6, "duration_s": 0.5, "width": 64, "height": 64},
-        "model": {"instances": False},
+        "model": {"instances": False, "path": "dense"},
         "engine": {"status_s": 0, "device": "cpu"},
         "adapt": {"enabled": True, "every_n_steps": 5, "max_share": 1.0, "save_weights": str(save), **adapt_over},
     })

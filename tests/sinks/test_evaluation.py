@@ -192,8 +192,9 @@ def test_sweep_writes_a_table(tmp_path: Path) -> None:
     cfg = load_config(_tiny_config(tmp_path, dur=0.03))
     scenes = [E.source_scene("synthetic", cfg)]
     res = E.sweep(cfg, scenes, weights=None, duration_s=None, out_dir=tmp_path / "sw",
-                  knobs={"mask_window": [1, 5]})
-    assert [r["value"] for r in res["rows"]] == [1, 5] and res["best"]["mask_window"] in (1, 5)
+                  knobs={"mask_window": [1, cfg["model"].mask_window]})
+    assert [r["value"] for r in res["rows"]] == [1, cfg["model"].mask_window]
+    assert res["best"]["mask_window"] in (1, cfg["model"].mask_window) and [r["default"] for r in res["rows"]] == [False, True]
     assert all(r["informedness"] is None or -1 <= r["informedness"] <= 1 for r in res["rows"])
     md = E.sweep_markdown(res)
     assert md.count("| mask_window |") == 2 and "default" in md

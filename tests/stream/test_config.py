@@ -63,6 +63,9 @@ def test_presets_load() -> None:
     for name in ("igarss2023", "kheradpisheh2018"):
         cfg = load_config(preset=name)
         assert cfg.preset == name
+    paper = load_config(preset="igarss2023")["model"]
+    assert (paper.theta1, paper.lambda1, paper.lambda2, paper.leak) == (10.0, 9.0, 1.0, "subtractive")
+    assert load_config().preset == "default"
 
 
 def test_default_yaml_is_the_resolved_default() -> None:

@@ -133,16 +133,16 @@ def main_run(argv: list[str]) -> int:
             return 0
         source = build_source(a.source, cfg)
         sinks = [build_sink(s, cfg) for s in (a.sink or ["overlay"])]
+        summary = run_pipeline(
+            cfg, source, sinks,
+            weights=a.weights, duration_s=a.duration,
+            status_stream=None if a.quiet else sys.stderr,
+            stats_json=a.stats_json, install_signals=True,
+        )
     except UsageError as e:
         return _fail(str(e), 2)
     except NodeError as e:
         return _fail(str(e), 1)
-    summary = run_pipeline(
-        cfg, source, sinks,
-        weights=a.weights, duration_s=a.duration,
-        status_stream=None if a.quiet else sys.stderr,
-        stats_json=a.stats_json, install_signals=True,
-    )
     print(f"summary: {summary.text()}", file=sys.stderr)
     if summary.run_dir is not None:
         print(f"run folder: {summary.run_dir}", file=sys.stderr)

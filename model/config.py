@@ -2,9 +2,20 @@
 
 The preset name is top level (``preset: igarss2023``), not in this section; presets in
 ``configs/presets/`` overlay this section.  Defaults are the IGARSS 2023 network
-(theta = 10 in all layers, lambda1 = 9, lambda2 = 1, subtractive leak) with the Conv1 gain
-calibrated for event input (see ``docs`` in model/conv1.py and the calibration numbers in
-the model README section of the report).
+(theta = 10 in all layers, lambda1 = 9, lambda2 = 1, subtractive leak) with what the paper
+leaves free calibrated for event input: gabor Conv1, binary input, ``conv1_gain`` = 32.
+
+Calibration (paper thresholds kept; measured with a 5 ms bin, see model/conv1.py for the
+gain's meaning): 01_dvxplorer_person.aedat4 (320x240, 949 events/step): Conv1 spikes per
+step mean 93 / p95 194, Conv2 1018 / 2864, Conv3 249 / 611, Conv3 active on 87 % of steps;
+a moving-disc + small-square scene at 346x260 (414 events/step): Conv1 98 / 121,
+Conv2 1584 / 2307, Conv3 312 / 365.  Gain 24 gives ~15 Conv1 spikes per step on the
+recording and nothing at 1 ms bins; gain 40 saturates Conv2 (4200 / step).  With 1 ms bins
+(190 events/step on the recording) Conv1 with lambda1 = 9 per step sees too few coincident
+events to fire; 5 ms bins are the recommended default.  ``mask_window`` = 3 steps
+(15 ms at 5 ms bins): the gated mask of one step covers only that step's Conv1 spikes
+(sparse dots along an edge); three steps join them into a contour without smearing a
+moving object by more than a few pixels.
 """
 from __future__ import annotations
 

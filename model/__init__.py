@@ -1,2 +1,3 @@
 """SpikeSEG: neurons, encoder, decoder, HULK-SMASH instances, learning and checkpoints."""
-from . import node  # noqa: F401  (registers the 'model' config section)
+# Importing registers the config sections: 'model' (node -> config), 'train', 'adapt'.
+from . import adapt, node, train  # noqa: F401

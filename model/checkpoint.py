@@ -139,6 +139,9 @@ def apply_checkpoint(encoder: Encoder, ckpt: Checkpoint, where: str = "checkpoin
     with torch.no_grad():
         encoder.w2.copy_(ckpt.w2)
         encoder.w3.copy_(ckpt.w3)
+        # loaded weights go onto the 2^-12 grid too (model.encoder.quantize_weights); a
+        # checkpoint written by this version is already on it, so this is a no-op there
+        encoder.quantize_()
         if ckpt.metadata.get("trained") is not True:
             return
         encoder.theta1.copy_(ckpt.thetas[0])

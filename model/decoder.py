@@ -24,8 +24,10 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit
 from torch import Tensor
 
 from .encoder import EncoderOutput
@@ -39,8 +41,16 @@ def _unpool(d: Tensor, idx: Tensor, size: tuple[int, int], n_rep: int) -> Tensor
 
 
 def decode_saliency(out: EncoderOutput, w1: Tensor, w2: Tensor, w3: Tensor, gate: bool) -> Tensor:
-    """Per-class saliency (B, n_classes, H, W) for one step (equations in the module docstring)."""
-    s3 = out.classification_spikes
+    """Per-class saliency (B, n_classes, H, W), float64, for one step (equations in the module docstring).
+
+    float64 on purpose: with weights on the 2^-12 grid (``model.encoder.quantize_weights``)
+    every product and partial sum of the decoder is exact in float64 (not in float32), so
+    the dense, cropped (instances) and event-driven decoders agree bit for bit, also on
+    the sign of a saliency that the signed W1 cancels to 0.  It runs only on steps where
+    Conv3 fired; the alternative (float32 plus an epsilon band around 0) changes the mask.
+    """
+    w1, w2, w3 = w1.double(), w2.double(), w3.double()
+    s3 = out.classification_spikes.double()
     b, n, h3, w3s = s3.shape
     idx1, idx2 = out.pooling_indices
     size1, size2 = out.pooling_output_sizes
@@ -53,11 +63,11 @@ def decode_saliency(out: EncoderOutput, w1: Tensor, w2: Tensor, w3: Tensor, gate
     d = F.conv_transpose2d(x, w3, padding=3)
     d = _unpool(d, idx2, size2, n)
     if gate:
-        d = d * out.layer_spikes["conv2"].repeat(n, 1, 1, 1)
+        d = d * out.layer_spikes["conv2"].double().repeat(n, 1, 1, 1)
     d = F.conv_transpose2d(d, w2, padding=2)
     d = _unpool(d, idx1, size1, n)
     if gate:
-        d = d * out.layer_spikes["conv1"].repeat(n, 1, 1, 1)
+        d = d * out.layer_spikes["conv1"].double().repeat(n, 1, 1, 1)
     d = F.conv_transpose2d(d, w1, padding=2)
     sal = d.sum(dim=1)  # (n * B, H, W), row k*B + b
     return sal.reshape(n, b, *sal.shape[-2:]).transpose(0, 1)
@@ -113,3 +123,55 @@ def window_step(
         out = torch.where(keep, cls + 1, torch.zeros_like(cls)).to(torch.uint8)
         return out, MaskWindowState((), pres)
     raise ValueError(f"mask_window_mode {mode!r} is not allowed; use 'union' or 'decay'")
+
+
+def window_steps(
+    raws: Tensor, state: MaskWindowState | None, n: int, mode: Literal["union", "decay"], decay: float, n_classes: int
+) -> tuple[Tensor, MaskWindowState]:
+    """:func:`window_step` over T consecutive raw masks (T, H, W) at once; same results row by row.
+
+    union: row t is the newest-wins combination of the last ``n`` raws up to t, computed
+    with ``n - 1`` passes over the whole window (not T x n): the sequence (previous n - 1
+    raws, then the T new ones) is combined at shifts 0..n-1.  decay is a recurrence and
+    runs row by row.
+    """
+    if n == 1:
+        return raws, MaskWindowState((), None)
+    if mode == "union":
+        prev = tuple(state.recent) if state is not None else ()
+        t_n = raws.shape[0]
+        # a fresh stream has fewer than n - 1 raws before it: empty masks stand in for them
+        before = prev[-(n - 1) :]
+        fill = [torch.zeros_like(raws[0])] * (n - 1 - len(before))
+        seq = torch.stack([*fill, *before, *raws.unbind(0)])
+        out = seq[0:t_n]
+        for j in range(1, n):
+            m = seq[j : j + t_n]
+            out = torch.where(m > 0, m, out)
+        # the state keeps the real raws only (a fresh stream's window starts short)
+        recent = (prev + tuple(raws.unbind(0)))[-n:]
+        return out, MaskWindowState(recent, None)
+    outs = []
+    for r in raws.unbind(0):
+        o, state = window_step(r, state, n, mode, decay, n_classes)
+        outs.append(o)
+    assert state is not None
+    return torch.stack(outs), state
+
+
+@njit(cache=True)
+def union_window_np(raw: np.ndarray, last: np.ndarray, cls: np.ndarray, t: int, n: int, lit: bool, out: np.ndarray) -> None:
+    """The ``union`` window of :func:`window_step` for numpy masks (the event-driven path), one pass.
+
+    Per pixel: ``last`` = step of its newest lighting, ``cls`` = that class; the window
+    output is ``cls`` where ``t - last < n``, else 0 -- the same as "newest class among the
+    last n raw masks".  ``lit=False`` (no Conv3 spike this step: raw is empty) skips reading
+    ``raw``.  Mutates ``last``/``cls`` (the node's window state) and writes ``out``.
+    """
+    for i in range(out.shape[0]):
+        if lit:
+            r = raw[i]
+            if r != 0:
+                last[i] = t
+                cls[i] = r
+        out[i] = cls[i] if t - last[i] < n else 0

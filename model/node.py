@@ -1,31 +1,41 @@
 """The model node: Step -> SpikeSEG encoder -> tied decoder -> mask window -> MaskResult.
 
 The node owns all streaming state explicitly (encoder state, mask window, instance
-tracks) and drops it on :class:`StreamReset` and :meth:`ModelNode.reset`.  A whole step
-stays on the model's device; only the mask (and the instance list and three spike
-counts) come back to the host, with one copy per step.
+tracks) and drops it on :class:`StreamReset` and :meth:`ModelNode.reset`.
 
-Dense vs sparse: ``path`` in the config.  The dense path (:mod:`model.encoder`,
-:mod:`model.decoder`) is the reference and the only one on CUDA; ``model/sparse.py``
-(event-driven, spike-identical, CPU only) runs for ``path: sparse`` and for ``auto`` on
-CPU.  Decision: the choice is made per stream, not per step by input density, because
-the two paths keep their membranes in different layouts (converting state every time the
-density crosses ``sparse_max_density`` would cost more than it saves; the sparse path is
-faster than dense on CPU up to ~8 % input density, far above what real scenes give).
+Paths (``model.path``), chosen once per node, never per step:
 
-Instances (HULK-SMASH, :mod:`model.instances`): on the dense path the node decodes every
-classification spike on its own (``dense_spike_supports``, up to 64 per step) -- this
-costs up to 64 decoder passes per step on the dense path; set ``instances: false`` when
-only masks are needed.
+* ``sparse`` (CPU): :class:`model.sparse.SparseSpikeSEG`, event-driven numba kernels whose
+  cost follows events and spikes, spike-identical to the dense path.
+* ``dense``: :mod:`model.encoder` / :mod:`model.decoder` in torch; the reference, and the
+  path on CUDA.
+* ``auto``: sparse on CPU, dense on CUDA.  Decision: per node, not per step by input
+  density, because the two paths keep membranes in different layouts (converting them
+  whenever the density crossed a bound would cost more than it saves; the sparse path beats
+  dense on this CPU up to ~8 % input density, far above what real scenes give).  With
+  online adaptation (``adapt.enabled``) ``auto`` is dense: the adapter reads the dense
+  step's pooled maps and membranes and updates the torch weights in place.
+
+Exactness: every weight is on the 2^-12 grid (:func:`model.encoder.quantize_weights`, also
+re-applied after each adaptation update), so every path and batch size gives the same
+spikes, masks and instances bit for bit.
+
+Micro-batches: :meth:`ModelNode.process_batch` takes the steps the engine dequeued at
+once.  On CUDA (``batch_mode="auto"``) the dense path runs them as one window
+(:func:`model.encoder.encoder_window`: one conv per layer for all T steps, the neuron
+recurrence in order, one batched decode of the steps whose Conv3 fired, two host copies
+per window); on CPU it loops over steps (windows do not pay on 2 cores, PERF-NOTES).
+
+Instances (HULK-SMASH, :mod:`model.instances`): every classification spike is decoded on
+its own; sparse path: :meth:`SparseSpikeSEG.spike_supports`; dense path:
+:func:`model.instances.crop_spike_supports` (all spikes of a step as one batch, each in the
+40x40 pixel crop its receptive field can reach, instead of a full-frame pass per spike).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,23 +44,17 @@ from stream.config import Config
 from stream.events import Instance, MaskResult, SensorSize, Step, StreamReset
 from stream.node import NodeError, RunContext, Transform, UsageError
 
+from . import instances as inst
 from .checkpoint import DEFAULT_WEIGHTS, load_into
 from .config import ModelConfig
-from .decoder import MaskWindowState, decode_mask, window_step
-from .encoder import LAYERS, Encoder, EncoderOutput, EncoderState
+from .decoder import MaskWindowState, decode_mask, union_window_np, window_step, window_steps
+from .encoder import Encoder, EncoderOutput, EncoderState
+from .sparse import SparseSpikeSEG
 
 __all__ = ["ModelConfig", "ModelNode", "build_model_node"]
 
-
-def _optional_module(name: str) -> ModuleType | None:
-    """Import ``model.<name>`` if the file exists (written by another helper), else None.
-
-    find_spec first, so a real ImportError inside an existing module is raised, not swallowed.
-    """
-    full = f"{__package__}.{name}"
-    if importlib.util.find_spec(full) is None:
-        return None
-    return importlib.import_module(full)
+BatchMode = Literal["auto", "steps", "window"]
+_EMPTY_SUPPORTS = (np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64))
 
 
 def _parse_device(device: str | torch.device) -> torch.device:
@@ -60,18 +64,46 @@ def _parse_device(device: str | torch.device) -> torch.device:
         raise UsageError(f"device {device!r} is not valid ({e}); use cpu, cuda or cuda:N") from None
 
 
+def _rows(out: EncoderOutput, rows: torch.Tensor) -> EncoderOutput:
+    """The batch rows ``rows`` of a windowed :class:`EncoderOutput` (for a batched decode)."""
+    pick = lambda t: t.index_select(0, rows)  # noqa: E731
+    return out._replace(
+        classification_spikes=pick(out.classification_spikes),
+        pooling_indices=(pick(out.pooling_indices[0]), pick(out.pooling_indices[1])),
+        layer_spikes={k: pick(v) for k, v in out.layer_spikes.items()},
+        has_spikes=pick(out.has_spikes),
+        n_classification_spikes=pick(out.n_classification_spikes),
+    )
+
+
+class _SparseWindow:
+    """``union`` mask window state of the sparse path (numpy): newest lighting step and class per pixel."""
+
+    def __init__(self, h: int, w: int) -> None:
+        self.last = np.full(h * w, -(1 << 40), np.int64)
+        self.cls = np.zeros(h * w, np.uint8)
+        self.t = 0
+
+
 class ModelNode(Transform):
-    """SpikeSEG as a pipeline stage (name ``model``)."""
+    """SpikeSEG as a pipeline stage (name ``model``).
+
+    ``cfg``: the resolved config (the ``model`` section; ``adapt`` and ``train`` when
+    adaptation is enabled) or a bare :class:`ModelConfig`.  ``batch_mode``: how
+    :meth:`process_batch` runs the dense path: ``window`` (layer by layer over the batch),
+    ``steps`` (one step at a time) or ``auto`` (window on CUDA, steps on CPU).
+    """
 
     name = "model"
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: Config | ModelConfig,
         size: SensorSize,
         in_channels: int,
         device: str | torch.device,
         weights: str | None = None,
+        batch_mode: BatchMode = "auto",
     ) -> None:
         mc = cfg["model"] if isinstance(cfg, dict) else cfg
         if not isinstance(mc, ModelConfig):
@@ -80,6 +112,8 @@ class ModelNode(Transform):
             raise UsageError(f"in_channels={in_channels} is not allowed; use 1 (merged polarity) or 2 (OFF, ON)")
         if size.width < 4 or size.height < 4:
             raise UsageError(f"sensor size {size} is too small for the encoder; width and height must be >= 4")
+        if batch_mode not in ("auto", "steps", "window"):
+            raise UsageError(f"batch_mode={batch_mode!r} is not allowed; use auto, steps or window")
         self.mc = mc
         self.size = size
         self.in_channels = in_channels
@@ -88,51 +122,77 @@ class ModelNode(Transform):
         self.weights_path = Path(w) if w is not None else DEFAULT_WEIGHTS
         if not self.weights_path.is_file():
             raise UsageError(f"weights file {self.weights_path} not found; pass an existing checkpoint or omit --weights")
-        sparse_mod = _optional_module("sparse") if mc.path != "dense" else None
-        if mc.path == "sparse" and (sparse_mod is None or self.device.type != "cpu"):
-            raise UsageError(
-                f"model.path=sparse needs model/sparse.py and device cpu (have device {self.device}); use path: dense or auto"
-            )
-        self._sparse_mod = sparse_mod if self.device.type == "cpu" else None
-        self._instances_mod = _optional_module("instances") if mc.instances else None
-        self._inst_params: Any = None
-        if self._instances_mod is not None:
+        acfg = cfg.get("adapt") if isinstance(cfg, dict) else None
+        self.adapter: Any = None
+        if acfg is not None and acfg.enabled:
+            from .adapt import OnlineAdapter  # lazily: only runs with --adapt import the learning code
+
+            self.adapter = OnlineAdapter(cfg)  # type: ignore[arg-type]
+        cpu = self.device.type == "cpu"
+        if mc.path == "sparse" and not cpu:
+            raise UsageError(f"model.path=sparse runs on CPU only (have device {self.device}); use path: dense or auto")
+        if mc.path == "sparse" and self.adapter is not None:
+            raise UsageError("--adapt needs the dense model path (it updates the torch weights); set model.path: dense or auto")
+        self._path = "sparse" if mc.path in ("sparse", "auto") and cpu and self.adapter is None else "dense"
+        self._windowed = self._path == "dense" and self.adapter is None and (
+            batch_mode == "window" or (batch_mode == "auto" and not cpu)
+        )
+        self._inst_params: inst.InstanceParams | None = None
+        if mc.instances:
             try:
-                self._inst_params = self._instances_mod.InstanceParams(smash_tau=mc.smash_tau, ash_window=mc.ash_window)
+                self._inst_params = inst.InstanceParams(smash_tau=mc.smash_tau, ash_window=mc.ash_window)
             except ValueError as e:
                 raise UsageError(f"config 'model': {e}") from None
-        self._sparse_model: Any = None
+        self._sparse_model: SparseSpikeSEG | None = None
+        self._adapter_open = False
         self.encoder: Encoder | None = None
         self.checkpoint_metadata: dict[str, Any] = {}
         self.reset()
 
     # lifecycle -------------------------------------------------------------------------
     def open(self, ctx: RunContext | None = None) -> None:
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise NodeError(f"device {self.device} requested but CUDA is not available; use --device cpu")
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise NodeError(f"device {self.device} requested but CUDA is not available; use --device cpu")
+            # TF32 keeps 10 mantissa bits: weights on the 2^-12 grid would be truncated and
+            # the GPU's spikes would differ from the CPU's.  Process-wide switch (torch has no
+            # per-call one); the alternative, float64 convs, costs 2x bandwidth.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         enc = Encoder(self.mc, self.in_channels)
         self.checkpoint_metadata = load_into(enc, self.weights_path).metadata
         self.encoder = enc.to(self.device)
-        if self._sparse_mod is not None:
-            self._sparse_model = self._sparse_mod.SparseSpikeSEG.from_encoder(enc)
+        if self._path == "sparse":
+            self._sparse_model = SparseSpikeSEG.from_encoder(enc)
+        if self.adapter is not None:
+            self.adapter.open(ctx, self.encoder)
+            self._adapter_open = True
         self.reset()
 
     @property
     def path(self) -> str:
         """The path in use: "sparse" or "dense"."""
-        return "sparse" if self._sparse_mod is not None else "dense"
+        return self._path
 
     def close(self) -> None:
-        self.encoder = None
-        self._sparse_model = None
-        self.reset()
+        try:
+            if self._adapter_open:
+                self._adapter_open = False
+                self.adapter.close()  # writes the adapted checkpoint (may raise NodeError)
+        finally:
+            self.encoder = None
+            self._sparse_model = None
+            self.reset()
 
     def reset(self) -> None:
-        """Drop every piece of streaming state (membranes, fire-once, first-spike times, window, tracks)."""
+        """Drop every piece of streaming state (membranes, window, tracks); learned weights stay."""
         self._enc_state: EncoderState | None = None
         self._sp_state: Any = None
         self._win_state: MaskWindowState | None = None
-        self._inst_state: Any = None
+        self._sp_win: _SparseWindow | None = None
+        self._inst_state: inst.InstanceState | None = None
+        if self.adapter is not None:
+            self.adapter.reset()
 
     # processing ------------------------------------------------------------------------
     def process(self, item: Step | StreamReset) -> list[MaskResult | StreamReset]:
@@ -146,18 +206,19 @@ class ModelNode(Transform):
         return list(self.process_batch([item]))
 
     def process_batch(self, steps: list[Step]) -> list[MaskResult]:
-        """Run queued steps one after another (state carries); identical to calling :meth:`process` per step.
-
-        Decision: a Python loop over steps, not a time-batched (T-window) conv: PERF-NOTES
-        measured no gain for time batching on this CPU above 128x128, and a loop keeps
-        the dense and sparse paths step-exact.
-        """
+        """Run queued steps in order (state carries); identical to calling :meth:`process` per step."""
         if self.encoder is None:
             raise NodeError("model node used before open(); the engine must call open(ctx) first")
+        for s in steps:
+            self._check(s)
         with torch.inference_mode():
-            return [self._one(s) for s in steps]
+            if self._path == "sparse":
+                return [self._sparse_one(s) for s in steps]
+            if self._windowed and len(steps) > 1:
+                return self._dense_window(steps)
+            return [self._dense_one(s) for s in steps]
 
-    def _one(self, step: Step) -> MaskResult:
+    def _check(self, step: Step) -> None:
         frame = step.frame
         if not isinstance(frame, torch.Tensor) or frame.dim() != 3:
             raise NodeError(f"step {step.index}: frame must be a (C, H, W) tensor, got {type(frame).__name__}")
@@ -167,65 +228,115 @@ class ModelNode(Transform):
                 f"step {step.index}: frame is {c}x{h}x{w}, the model expects {self.in_channels}x"
                 f"{self.size.height}x{self.size.width}; the source must send a StreamReset with the new size"
             )
-        mc = self.mc
-        if self._sparse_model is not None:
-            raw, counts, instances = self._sparse_step(frame)
-        else:
-            raw, counts, instances = self._dense_step(frame, h, w)
-        mask, self._win_state = window_step(
-            raw, self._win_state, mc.mask_window, mc.mask_window_mode, mc.mask_decay, mc.n_classes
-        )
-        return MaskResult(
-            step=step,
-            mask=mask.cpu().numpy(),
-            instances=instances,
-            layer_spikes=counts,
-            model_done_ns=time.perf_counter_ns(),
-        )
 
-    def _sparse_step(self, frame: torch.Tensor) -> tuple[torch.Tensor, dict[str, int], list[Instance]]:
+    # sparse ----------------------------------------------------------------------------
+    def _sparse_one(self, step: Step) -> MaskResult:
         spm = self._sparse_model
-        sout, self._sp_state = spm.step(frame, self._sp_state)
+        assert spm is not None  # set by open() for the sparse path (internal invariant)
+        mc = self.mc
+        sout, self._sp_state = spm.step(step.frame, self._sp_state)
         instances: list[Instance] = []
-        if self._instances_mod is not None:
-            instances, self._inst_state = self._instances_mod.sparse_instances(
-                spm, self._sp_state, sout, self._inst_state, self._inst_params
+        if self._inst_params is not None:
+            found, self._inst_state = inst.sparse_instances(spm, self._sp_state, sout, self._inst_state, self._inst_params)
+            instances = list(found)
+        n3 = sout.layer_spikes["conv3"]
+        if mc.mask_window > 1 and mc.mask_window_mode == "union":
+            h, w = sout.mask.shape
+            if self._sp_win is None:
+                self._sp_win = _SparseWindow(h, w)
+            win = self._sp_win
+            mask = np.empty((h, w), np.uint8)
+            union_window_np(sout.mask.reshape(-1), win.last, win.cls, win.t, mc.mask_window, n3 > 0, mask.reshape(-1))
+            win.t += 1
+        else:
+            m, self._win_state = window_step(
+                torch.from_numpy(sout.mask), self._win_state, mc.mask_window, mc.mask_window_mode, mc.mask_decay,
+                mc.n_classes,
             )
-        counts = {k: int(sout.layer_spikes[k]) for k in LAYERS}
-        return torch.from_numpy(sout.mask), counts, list(instances)
+            mask = m.numpy()
+        counts = {"conv1": int(sout.layer_spikes["conv1"]), "conv2": int(sout.layer_spikes["conv2"]), "conv3": int(n3)}
+        return MaskResult(step=step, mask=mask, instances=instances, layer_spikes=counts,
+                          model_done_ns=time.perf_counter_ns())
 
-    def _dense_step(self, frame: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, dict[str, int], list[Instance]]:
+    # dense -----------------------------------------------------------------------------
+    def _dense_one(self, step: Step) -> MaskResult:
         enc = self.encoder
         assert enc is not None  # checked by process_batch (internal invariant, not input validation)
         mc = self.mc
-        x = enc.prepare_input(frame.to(self.device, non_blocking=True))
-        out, self._enc_state = enc.step(x, self._enc_state)
-        # One host sync on a 0-dim bool to skip the decoder when Conv3 is silent (most steps).
-        has = bool(out.has_spikes)
-        if has:
+        x = enc.prepare_input(step.frame.to(self.device, non_blocking=True))
+        prev = self._enc_state
+        out, self._enc_state = enc.step(x, prev, first_spikes=False)
+        s1, s2, s3 = out.layer_spikes["conv1"], out.layer_spikes["conv2"], out.layer_spikes["conv3"]
+        # one host sync for the three counts; n3 also decides whether to decode at all
+        n1, n2, n3 = torch.stack([s1.sum(), s2.sum(), s3.sum()]).to(torch.int64).cpu().tolist()
+        h, w = x.shape[-2:]
+        if n3:
             raw = decode_mask(out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold)[0]
         else:
             raw = torch.zeros((h, w), dtype=torch.uint8, device=x.device)
-        n1, n2, n3 = torch.stack([out.layer_spikes[k].sum() for k in LAYERS]).to(torch.int64).cpu().tolist()
-        instances = self._dense_instances(out, has, h, w) if self._instances_mod is not None else []
-        return raw, {"conv1": n1, "conv2": n2, "conv3": n3}, instances
+        instances = self._dense_instances(out, 0, n3, h, w, None) if self._inst_params is not None else []
+        mask, self._win_state = window_step(
+            raw, self._win_state, mc.mask_window, mc.mask_window_mode, mc.mask_decay, mc.n_classes
+        )
+        res = MaskResult(step=step, mask=mask.cpu().numpy(), instances=instances,
+                         layer_spikes={"conv1": n1, "conv2": n2, "conv3": n3}, model_done_ns=time.perf_counter_ns())
+        if self.adapter is not None:
+            before = self.adapter.updates
+            res.extra.update(self.adapter.after_step(enc, out, prev))
+            if self.adapter.updates != before:
+                enc.quantize_()  # back onto the 2^-12 grid: the next step's sums stay exact
+        return res
 
-    def _dense_instances(self, out: EncoderOutput, has: bool, h: int, w: int) -> list[Instance]:
-        """HULK-SMASH on the dense path: per-spike supports, Conv2 history, tracking (model/instances.py)."""
-        im, enc, mc = self._instances_mod, self.encoder, self.mc
+    def _dense_window(self, steps: list[Step]) -> list[MaskResult]:
+        """The micro-batch as one window (see module docstring); same results as :meth:`_dense_one` per step."""
+        enc = self.encoder
         assert enc is not None
+        mc = self.mc
+        x = enc.prepare_input(torch.stack([s.frame for s in steps]).to(self.device, non_blocking=True))
+        out, self._enc_state = enc.window(x, self._enc_state)
+        t_n, (h, w) = x.shape[0], x.shape[-2:]
+        counts = torch.stack([out.layer_spikes[k].flatten(1).sum(1) for k in ("conv1", "conv2", "conv3")], 1)
+        counts_h = counts.to(torch.int64).cpu().tolist()  # sync 1 of 2 per window
+        fired = [t for t in range(t_n) if counts_h[t][2] > 0]
+        raws = torch.zeros((t_n, h, w), dtype=torch.uint8, device=x.device)
+        if fired:
+            rows = torch.tensor(fired, device=x.device)
+            raws[rows] = decode_mask(_rows(out, rows), enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold)
+        masks, self._win_state = window_steps(raws, self._win_state, mc.mask_window, mc.mask_window_mode,
+                                              mc.mask_decay, mc.n_classes)
+        masks_h = masks.cpu().numpy()  # sync 2 of 2
+        s2_rows: list[np.ndarray] | None = None
+        if self._inst_params is not None:
+            s2 = out.layer_spikes["conv2"]
+            nz = torch.nonzero(s2.permute(0, 2, 3, 1).reshape(t_n, -1)).cpu().numpy()
+            bounds = np.searchsorted(nz[:, 0], np.arange(t_n + 1))
+            s2_rows = [nz[bounds[t] : bounds[t + 1], 1] for t in range(t_n)]
+        done = time.perf_counter_ns()
+        results = []
+        for t, step in enumerate(steps):
+            n1, n2, n3 = counts_h[t]
+            found = self._dense_instances(out, t, n3, h, w, s2_rows[t]) if s2_rows is not None else []
+            results.append(MaskResult(step=step, mask=masks_h[t], instances=found,
+                                      layer_spikes={"conv1": n1, "conv2": n2, "conv3": n3}, model_done_ns=done))
+        return results
+
+    def _dense_instances(self, out: EncoderOutput, row: int, n3: int, h: int, w: int, s2: np.ndarray | None) -> list[Instance]:
+        """HULK-SMASH on the dense path for batch row ``row``: cropped per-spike supports, Conv2 history, tracking."""
+        enc, mc, params = self.encoder, self.mc, self._inst_params
+        assert enc is not None and params is not None
         if self._inst_state is None:
-            self._inst_state = im.fresh_instance_state(h, w, self._inst_params)
-        if has:
-            supports, classes, _ = im.dense_spike_supports(
-                out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold, self._inst_params.max_spikes
+            self._inst_state = inst.fresh_instance_state(h, w, params)
+        if n3:
+            supports, classes, skipped = inst.crop_spike_supports(
+                out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold, params.max_spikes, row
             )
         else:
-            supports = (np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64))
-            classes = np.zeros(0, np.int64)
-        # Conv2 spikes as flat channels-last indices (y * W2 + x) * 36 + f, the history's layout
-        s2 = torch.nonzero(out.layer_spikes["conv2"][0].permute(1, 2, 0).reshape(-1)).flatten().cpu().numpy()
-        found, self._inst_state = im.instances_step(supports, classes, s2, w, self._inst_state, self._inst_params)
+            supports, classes, skipped = _EMPTY_SUPPORTS, np.zeros(0, np.int64), 0
+        if s2 is None:
+            # Conv2 spikes as flat channels-last indices (y * W2 + x) * 36 + f, the history's layout
+            s2 = torch.nonzero(out.layer_spikes["conv2"][row].permute(1, 2, 0).reshape(-1)).flatten().cpu().numpy()
+        self._inst_state.skipped_spikes = skipped
+        found, self._inst_state = inst.instances_step(supports, classes, s2, w, self._inst_state, params)
         return list(found)
 
 

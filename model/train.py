@@ -56,6 +56,7 @@ from stream.node import NodeError, RunContext, UsageError
 from .learning import homeostasis as homeo
 from .learning.stdp import STDPParams, check_params, convergence, converged_ratio, map_convergence, update_winners
 from .learning.wta import MODES, select_winners
+from .encoder import quantize_weights
 from .neurons import NeuronParams, NeuronState, neuron_step
 
 log = logging.getLogger("spikestream.train")
@@ -84,6 +85,11 @@ class TrainConfig:
     ``theta_min`` 0.5, ``dead_after`` 20, ``dead_step`` 0.05 (rest is 1.0).
     Stopping: ``converge_c`` (C_l), ``map_converge_c`` and ``stop_ratio`` (share of converged
     maps), ``epochs`` (max per layer; ``--epochs`` overrides).  ``layers``: which to train.
+    Selection: ``select_by`` "val_iou" scores the untrained init and every epoch's weights on
+    validation scenes (``val_scenes``: ``scene[:jitter_px]`` -- the benchmark's kinds, seeds ``val_seed0 ..``, all < 1000, never the
+    benchmark's, full sensor size, first ``val_duration_s`` s, the run's inference config) and
+    keeps the best as ``checkpoint_best.pt`` -- which may be the init: then training did not
+    help and the metrics say so.  "c_l" keeps the old rule (latest layer, lowest C_l).
     """
 
     epochs: int = 50
@@ -111,6 +117,10 @@ class TrainConfig:
     map_converge_c: float = 0.01
     stop_ratio: float = 0.9
     layers: tuple[str, ...] = TRAINABLE
+    select_by: Literal["val_iou", "c_l"] = "val_iou"
+    val_scenes: tuple[str, ...] = ("satellites", "satellites:1.5", "shapes", "shapes:1.0", "digits", "mixed")
+    val_seed0: int = 900
+    val_duration_s: float = 0.3
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= 100_000:
@@ -146,6 +156,22 @@ class TrainConfig:
                 raise ValueError(f"{name}={v} out of range; use 0 < {name} <= 0.25 (C_l lies in [0, 0.25])")
         if not 0 < self.stop_ratio <= 1:
             raise ValueError(f"stop_ratio={self.stop_ratio} out of range; use 0 < stop_ratio <= 1")
+        if not self.val_scenes or self.val_seed0 < 0 or self.val_seed0 + len(self.val_scenes) > HELD_OUT_SEED:
+            raise ValueError(
+                f"validation scenes use seeds {self.val_seed0} .. {self.val_seed0 + len(self.val_scenes) - 1}; "
+                f"they must lie in 0 .. {HELD_OUT_SEED - 1} (seeds >= {HELD_OUT_SEED} are the benchmark's)"
+            )
+        for spec in self.val_scenes:
+            scene, _, jit = spec.partition(":")
+            try:
+                ok = scene in ("satellites", "shapes", "digits", "mixed", "noise") and 0 <= float(jit or 0) <= 20
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"val_scenes entry {spec!r} is not allowed; use SCENE or SCENE:JITTER_PX "
+                                 "(satellites, shapes, digits, mixed, noise; jitter 0..20 px)")
+        if not 0.01 <= self.val_duration_s <= 60:
+            raise ValueError(f"val_duration_s={self.val_duration_s} out of range; use 0.01 .. 60 seconds")
         bad = [x for x in self.layers if x not in TRAINABLE]
         if bad or not self.layers or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers={list(self.layers)} is not allowed; use distinct names from {list(TRAINABLE)}")
@@ -260,7 +286,9 @@ def train_batch(
         if tcfg.homeostasis:
             h_state = homeo.update(h_state, active, hp)
     with torch.no_grad():
-        weight.copy_(w)
+        # samples update in float; the batch result goes back onto the 2^-12 weight grid that
+        # every inference path relies on for bit-identical sums (model.encoder.quantize_weights)
+        weight.copy_(quantize_weights(w))
     return h_state, wins, tr.spikes.sum(0)
 
 
@@ -412,6 +440,42 @@ def _best_key(layer_index: int, c_l: float) -> tuple[int, float]:
     return (layer_index, -c_l)
 
 
+def validation_score(cfg: Config, tcfg: TrainConfig, weights: str | Path) -> dict[str, float | None]:
+    """Event IoU and volume informedness of ``weights`` on the validation scenes (pooled), plus their mean.
+
+    The scenes are the training side of the seed split (``val_seed0 ..`` < 1000), never the
+    benchmark's; the pipeline is the real one (``run_pipeline`` with an eval sink), so the
+    score is what ``run.py eval`` would report for those scenes.
+    """
+    import dataclasses
+
+    from sinks.evaluation import EvalConfig, EvalSink
+    from sinks.scoring import Confusion
+    from stream.engine import run_pipeline
+    from stream.registry import build_source
+
+    ecfg = cfg["eval"] if "eval" in cfg else EvalConfig()
+    ev, vol = Confusion(), Confusion()
+    for k, spec in enumerate(tcfg.val_scenes):
+        scene, _, jit = spec.partition(":")
+        c = cfg.replace("synthetic", seed=tcfg.val_seed0 + k, scene=scene, jitter_px=float(jit or 0.0),
+                        duration_s=max(tcfg.val_duration_s, 0.01))
+        c = c.replace("model", instances=False)  # masks only: instances do not change event scores
+        c = c.replace("engine", status_s=0)
+        sink = EvalSink(dataclasses.replace(ecfg, strip_frames=0))
+        summ = run_pipeline(c, build_source("synthetic", c), [sink], weights=str(weights),
+                            duration_s=tcfg.val_duration_s)
+        if summ.error:
+            raise NodeError(f"validation scene {scene} (seed {tcfg.val_seed0 + k}): {summ.error}")
+        r = sink.result()["model"]
+        ev = ev + Confusion(*(r["event"][x] for x in ("tp", "fp", "fn", "tn")))
+        sink.model.flush_cells()
+        vol = vol + sink.model.volume
+    iou, j = ev.iou, vol.informedness
+    score = None if iou is None or j is None else (iou + j) / 2
+    return {"event_iou": iou, "informedness": j, "score": score}
+
+
 def _save(path: Path, encoder: Any, state: dict[str, Any], args_meta: dict[str, Any]) -> None:
     from .checkpoint import save_checkpoint
 
@@ -455,8 +519,12 @@ def train_layers(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    val: Any = None,
 ) -> dict[str, Any]:
     """Train ``tcfg.layers`` in order from ``state`` (mutated and returned); saves checkpoints per epoch.
+
+    ``val(path) -> {"score", ...}`` (optional) scores a checkpoint on validation scenes; with it
+    the best checkpoint is the best-scoring one, else :func:`_best_key` decides.
 
     KeyboardInterrupt propagates after ``checkpoint_latest.pt`` has been written.
     """
@@ -516,9 +584,16 @@ def train_layers(
                 )
                 path = ckpt_dir / f"checkpoint_epoch{state['epoch']}_{layer}.pt"
                 _save(path, encoder, state, meta)
-                key = _best_key(li, c_l)
+                if val is not None:
+                    rec["val"] = val(path)
+                    log.info("epoch %d %s: validation %s", state["epoch"], layer, rec["val"])
+                    key = (rec["val"]["score"] if rec["val"]["score"] is not None else -1.0, 0.0)
+                else:
+                    key = _best_key(li, c_l)
                 if state["best"] is None or tuple(key) > tuple(state["best"]["key"]):
-                    state["best"] = {"key": list(key), "epoch": state["epoch"], "layer": layer, "c_l": c_l}
+                    state["best"] = {"key": list(key), "epoch": state["epoch"], "layer": layer, "c_l": c_l,
+                                     "val": rec.get("val")}
+                    _save(path, encoder, state, meta)  # the epoch file carries the same state as best
                     _save(ckpt_dir / "checkpoint_best.pt", encoder, state, meta)
                 _save(ckpt_dir / "checkpoint_latest.pt", encoder, state, meta)
                 if c_l < tcfg.converge_c:
@@ -755,8 +830,22 @@ def main(args: argparse.Namespace) -> int:
              tcfg.crop, tcfg.crop, args.source, t_data)
     code = 0
     t1 = time.perf_counter()
+    val = None
+    if tcfg.select_by == "val_iou":
+        val_cfg = cfg.replace("engine", device=str(device) if device.type == "cpu" else "cuda")
+        val = lambda path: validation_score(val_cfg, tcfg, path)  # noqa: E731
+        if state["best"] is None:
+            # epoch 0 = the untrained init: training must beat it to become checkpoint_best.pt
+            init_path = ckpt_dir / "checkpoint_epoch0_init.pt"
+            _save(init_path, encoder, state, {**meta, "init": True})
+            v0 = val(init_path)
+            log.info("init (epoch 0): validation %s", v0)
+            state["best"] = {"key": [v0["score"] if v0["score"] is not None else -1.0, 0.0], "epoch": 0,
+                             "layer": None, "c_l": None, "val": v0}
+            state["val_init"] = v0
+            _save(ckpt_dir / "checkpoint_best.pt", encoder, state, {**meta, "init": True})
     try:
-        state = train_layers(encoder, samples, tcfg, state, ckpt_dir, meta, args.seed, device, not args.no_progress)
+        state = train_layers(encoder, samples, tcfg, state, ckpt_dir, meta, args.seed, device, not args.no_progress, val)
     except KeyboardInterrupt:
         code = 130
     wall = time.perf_counter() - t1

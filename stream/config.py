@@ -166,6 +166,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"config file {p} not found; pass an existing YAML file to --config")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.constructor.ConstructorError:
+        raise UsageError(
+            f"config file {p} uses a YAML tag that safe loading refuses (e.g. !!python/...); "
+            "use plain mappings, lists, numbers and strings"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

@@ -262,9 +262,16 @@ class Pipeline:
         except QueueClosed:
             pass
         except BaseException as e:  # noqa: BLE001 - reported with the node's name, run stops
+            # stop, not abort: the steps already binned still drain through the model and sinks
+            # (a corrupt file keeps every mask produced before the bad packet).
             self.failure.set(f"source {src.describe()}", e)
             self.stop.set()
-            self.abort.set()
+            try:
+                for out in binner.flush():
+                    self.metrics.inc("steps")
+                    q_model.put(out, self.abort)
+            except BaseException:  # noqa: BLE001 - best effort; the first error is already kept
+                pass
         finally:
             try:
                 q_model.put(END)

@@ -73,18 +73,24 @@ def stdp_update(w: torch.Tensor, t_pre: torch.Tensor, t_post: torch.Tensor | flo
 
 
 def receptive_fields(
-    pre_times: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
+    pre_times: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    kernel: tuple[int, int],
+    padding: tuple[int, int],
+    fill: float = NEVER,
 ) -> torch.Tensor:
     """Presynaptic spike times seen by the output neurons at ``(ys, xs)`` of a conv layer.
 
     ``pre_times`` is ``(C_in, H, W)``; the layer is a stride-1 convolution with ``kernel``
     ``(kh, kw)`` and zero ``padding`` ``(ph, pw)``, so output ``(y, x)`` sees input rows
-    ``y − ph .. y − ph + kh − 1``.  Positions in the padding never fired (``inf``).
+    ``y − ph .. y − ph + kh − 1``.  Positions in the padding read ``fill`` (default ``inf``:
+    never fired; online adaptation gathers input *spikes* with ``fill=0``).
     Returns ``(K, C_in, kh, kw)`` for ``K = len(ys)`` winners.
     """
     kh, kw = kernel
     ph, pw = padding
-    padded = F.pad(pre_times, (pw, pw, ph, ph), value=NEVER)
+    padded = F.pad(pre_times, (pw, pw, ph, ph), value=fill)
     # unfold the K windows with advanced indexing: rows (K, kh, 1), cols (K, 1, kw)
     rows = ys.view(-1, 1, 1) + torch.arange(kh, device=pre_times.device).view(1, kh, 1)
     cols = xs.view(-1, 1, 1) + torch.arange(kw, device=pre_times.device).view(1, 1, kw)

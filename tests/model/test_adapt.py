@@ -82,3 +82,47 @@ def test_bad_adapt_config() -> None:
         build(adapt.AdaptConfig, {"layers": ["conv1"]})
     with pytest.raises(UsageError, match="max_share"):
         build(adapt.AdaptConfig, {"max_share": 0})
+
+
+def test_spiking_candidates_match_the_full_layer_step() -> None:
+    """Membranes gathered per spiking neuron equal conv2d + neuron step over the whole layer."""
+    import torch.nn.functional as F
+
+    from model.encoder import quantize_weights
+    from model.neurons import NeuronParams, NeuronState, neuron_step
+
+    g = torch.Generator().manual_seed(3)
+    inp = (torch.rand(4, 13, 17, generator=g) < 0.3).float()
+    w = quantize_weights(torch.rand(6, 4, 5, 5, generator=g))
+    prev_v = quantize_weights(torch.rand(6, 13, 17, generator=g) * 8, clip=False)
+    params = NeuronParams(torch.full((6, 1, 1), 10.0), "subtractive", lam=2.0)
+    s, st = neuron_step(F.conv2d(inp[None], w, padding=2)[0], NeuronState(prev_v), params)
+    probe = params._replace(theta=torch.tensor(float("inf")))
+    _, full = neuron_step(F.conv2d(inp[None], w, padding=2)[0], NeuronState(prev_v), probe)
+    flat, v = adapt.spiking_candidates(s, inp, w, 2, prev_v, params)
+    assert flat.numel() == int(s.sum()) > 10
+    assert torch.equal(flat, torch.nonzero(s.flatten()).flatten())
+    assert torch.equal(v, full.v.flatten()[flat])  # exact: weights on the 2^-12 grid, binary input
+    assert bool((v >= 10.0).all())  # they did spike
+
+
+def test_update_cost_at_sensor_size_is_small() -> None:
+    """An update on a busy 346x260 step costs milliseconds, not the ~0.5 s of the full-frame version."""
+    torch.set_num_threads(1)
+    cfg = load_config(None, None, {"model": {"instances": False, "lambda1": 2.0},
+                                   "adapt": {"every_n_steps": 1, "max_share": 1.0, "layers": ["conv2", "conv3"]}})
+    enc = Encoder(cfg["model"], 2)
+    g = torch.Generator().manual_seed(0)
+    st = None
+    for _ in range(3):
+        x = (torch.rand(1, 2, 260, 346, generator=g) < 0.02).float()
+        prev = st
+        out, st = enc.step(x, st)
+    assert int(out.layer_spikes["conv2"].sum()) > 500  # a busy step: many candidates
+    ad = adapt.OnlineAdapter(cfg)
+    ad.open(None, enc)
+    for _ in range(6):
+        ad.after_step(enc, out, prev)  # tracks input spikes, then updates (every step, budget 100 %)
+    costs = sorted(ad.update_seconds)
+    assert ad.updates >= 5 and len(costs) >= 5
+    assert costs[len(costs) // 2] < 0.1  # median; measured a few ms on one core (docs/quality.md)

@@ -461,57 +461,57 @@ def _support_one(
     p2_head: np.ndarray, p2_hmark: np.ndarray, p2_next: np.ndarray, p2_ch: np.ndarray, p2_off: np.ndarray,
     p1_head: np.ndarray, p1_hmark: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
     t: int, stamp: int,
-    d2: np.ndarray, d2mark: np.ndarray, d2list: np.ndarray,
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
 ) -> int:
-    """Gated saliency of ONE S3 spike (flat position ``p`` on the H/4 grid, class ``k``): :func:`_decode`
-    specialised to what a single gated spike can reach.
+    """Gated saliency of ONE S3 spike (flat position ``p`` on the H/4 grid, class ``k``), by gather.
 
-    D3 of a one-hot S3 is the kernel itself (``D3[q, c] = W3[k, c, q - p + 3]``, a single
-    term, no sum), and the gate keeps only pooled cells that spiked, so only the P2 entries
-    of the 7x7 window around the spike are visited (linked lists per cell) instead of
-    scattering 49 x 36 D3 values; the rest is :func:`_decode`'s unpool/scatter.  Same sums
-    (float64, exact on the 2^-12 weight grid).  Leaves the saliency at ``sallist[:n]``.
+    :func:`_decode` scatters forward from the spike (D3 -> every P2 entry in reach -> 25 x 4
+    D2 adds each), although the gate then keeps D2 only at the few pooled Conv1 cells that
+    spiked.  Here D2 is gathered at exactly those cells: for each P1 entry in the spike's
+    18 x 18 pool1-cell crop, ``D2[a, c] = sum W3[k, ci, q - p + 3] * W2[ci, c, a - r + 2]`` over
+    the P2 entries ``(q, ci)`` of the spike's 7 x 7 window whose unpool target ``r`` lies
+    within 2 of ``a`` (D3 of a one-hot S3 is the kernel itself: one term), then it is
+    scattered through K1 like :func:`_decode`.  Work ~ (P1 entries in reach) x (P2 entries
+    near each), instead of (P2 entries in reach) x 100.  Same sums, another order: float64
+    and exact on the 2^-12 weight grid, so the supports are identical.
     """
     c1 = w2t.shape[3]
     h4 = p2_hmark.shape[0] // w4
     sy = p // w4
     sx = p - sy * w4
-    n2 = 0
-    for ky in range(7):
-        qy = sy + ky - 3
-        if qy < 0 or qy >= h4:
-            continue
-        for kx in range(7):
-            qx = sx + kx - 3
-            if qx < 0 or qx >= w4:
-                continue
-            q = qy * w4 + qx
-            if p2_hmark[q] != t:
-                continue
-            e = p2_head[q]
-            while e >= 0:
-                ci = p2_ch[e]
-                off = p2_off[e]
-                n2 = _scatter5(w3t[k, ky, kx, ci], w2t, ci, 2 * qy + (off >> 1), 2 * qx + (off & 1), h2, w2,
-                               stamp, d2, d2mark, d2list, n2)
-                e = p2_next[e]
+    d = np.zeros(c1)
     ns = 0
-    for j in range(n2):
-        q = d2list[j]
-        if p1_hmark[q] == t:
-            qy = q // w2
-            qx = q - qy * w2
-            e = p1_head[q]
+    for ay in range(max(0, 2 * sy - 8), min(h2, 2 * sy + 10)):
+        for ax in range(max(0, 2 * sx - 8), min(w2, 2 * sx + 10)):
+            a = ay * w2 + ax
+            if p1_hmark[a] != t:
+                continue
+            for c in range(c1):
+                d[c] = 0.0
+            # pool2 cells whose unpool targets r can lie within 2 of (ay, ax), inside the spike's window
+            for qy in range(max(max(0, (ay - 2) >> 1), sy - 3), min(min(h4, ((ay + 2) >> 1) + 1), sy + 4)):
+                for qx in range(max(max(0, (ax - 2) >> 1), sx - 3), min(min(w4, ((ax + 2) >> 1) + 1), sx + 4)):
+                    q = qy * w4 + qx
+                    if p2_hmark[q] != t:
+                        continue
+                    e = p2_head[q]
+                    while e >= 0:
+                        off = p2_off[e]
+                        ky = ay - (2 * qy + (off >> 1)) + 2
+                        kx = ax - (2 * qx + (off & 1)) + 2
+                        if 0 <= ky < 5 and 0 <= kx < 5:
+                            ci = p2_ch[e]
+                            v3 = w3t[k, qy - sy + 3, qx - sx + 3, ci]
+                            for c in range(c1):
+                                d[c] += v3 * w2t[ci, ky, kx, c]
+                        e = p2_next[e]
+            e = p1_head[a]
             while e >= 0:
                 c = p1_ch[e]
                 off = p1_off[e]
-                ns = _scatter5(d2[q * c1 + c], k1t, c, 2 * qy + (off >> 1), 2 * qx + (off & 1), h, w, stamp,
+                ns = _scatter5(d[c], k1t, c, 2 * ay + (off >> 1), 2 * ax + (off & 1), h, w, stamp,
                                sal, salmark, sallist, ns)
                 e = p1_next[e]
-        base = q * c1
-        for c in range(c1):
-            d2[base + c] = 0.0
     return ns
 
 
@@ -545,7 +545,7 @@ def _decode_batch(
             ns = _support_one(one[0], k, w3t, w2t, k1t, w4, h2, w2, h, w,
                               p2_head, p2_hmark, p2_next, p2_ch, p2_off,
                               p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, stamp0 + 1 + b,
-                              d2, d2mark, d2list, sal, salmark, sallist)
+                              sal, salmark, sallist)
         else:
             _nd, ns = _decode(one, 1, k, w3t, w2t, k1t, w4, h2, w2, h, w,
                               p2_head, p2_hmark, p2_next, p2_pos, p2_ch, p2_off, n_p2,

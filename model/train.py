@@ -28,7 +28,8 @@ window's events (weights are convolutions, hence size-independent, so training a
 ~7x cheaper than at 346x260 and the checkpoint runs at any size).
 
 Outputs under ``--output/--name``: ``checkpoints/checkpoint_epoch{N}_{layer}.pt``,
-``checkpoint_best.pt`` (see :func:`_best_key`), ``checkpoint_latest.pt``, ``metrics_final.json``,
+``checkpoint_epoch0_init.pt`` (the untrained init), ``checkpoint_best.pt`` (the best validation
+score, init included, see :func:`validation_score`; with ``select_by: c_l`` :func:`_best_key`), ``checkpoint_latest.pt``, ``metrics_final.json``,
 ``logs/train_*.log``, ``plots/*.png``.  Ctrl-C saves ``checkpoint_latest.pt`` and the metrics;
 ``--resume`` continues from a checkpoint's training state (layer, epoch count, thresholds).
 """
@@ -733,6 +734,7 @@ def write_metrics(path: Path, encoder: Any, state: dict[str, Any], before: dict[
             "stopped_by": state["stopped_by"].get(layer),
             "c_l": float(convergence(w)),
             "c_l_curve": [h["c_l"] for h in hist],
+            "val_curve": [h["val"]["score"] for h in hist if "val" in h],
             "converged_ratio": hist[-1]["converged_ratio"] if hist else None,
             "map_c": [round(float(v), 5) for v in map_convergence(w)],
             "wins_per_map": total_wins,
@@ -740,7 +742,8 @@ def write_metrics(path: Path, encoder: Any, state: dict[str, Any], before: dict[
             "weights_after": _weight_stats(w),
             "theta_scale": state["homeostasis"].get(layer, {}).get("theta"),
         }
-    doc = {"epochs_total": state["epoch"], "layers": layers, "best": state["best"], **extra}
+    doc = {"epochs_total": state["epoch"], "layers": layers, "best": state["best"], "val_init": state.get("val_init"),
+           **extra}
     path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
 
 

@@ -172,6 +172,7 @@ class EvalSink(SinkNode):
         self._t0: list[int] = []
         self._t1: list[int] = []
         self._active: list[bool] = []
+        self._active_base: list[bool] = []
         self._frames: list[_Frame] = []
         self._stride = 1
 
@@ -198,13 +199,15 @@ class EvalSink(SinkNode):
         self._t1.append(step.t1_us)
         self._active.append(bool(mask.any()))
         self.events += len(ev)
+        # the baseline on every step, labelled or not (the time-window check compares both)
+        base_mask = scoring.density_filter_mask(ev, size, c.baseline_radius, c.baseline_min_count)
+        self._active_base.append(bool(base_mask.any()))
         if lab is None or self._since_reset <= c.warmup_steps:
             return
         lab = np.asarray(lab)
         self.scored_steps += 1
         self.labelled_events += int(np.count_nonzero(lab >= 0))
         self.object_events += int(np.count_nonzero(lab > 0))
-        base_mask = scoring.density_filter_mask(ev, size, c.baseline_radius, c.baseline_min_count)
         kept, ignored = scoring.true_boxes(ev, lab, c.min_object_events)
         if res.instances:
             self.used_instances = True
@@ -258,9 +261,9 @@ class EvalSink(SinkNode):
             "baseline": self.base.as_dict(),
         }
         if self.windows is not None:
-            out["windows"] = scoring.window_activity(
-                np.array(self._t0, np.int64), np.array(self._t1, np.int64), np.array(self._active, bool), self.windows
-            )
+            t0, t1 = np.array(self._t0, np.int64), np.array(self._t1, np.int64)
+            out["windows"] = scoring.window_activity(t0, t1, np.array(self._active, bool), self.windows)
+            out["windows_baseline"] = scoring.window_activity(t0, t1, np.array(self._active_base, bool), self.windows)
         return out
 
 
@@ -598,6 +601,10 @@ def write_png(report: dict[str, Any], results: list[SceneResult], path: Path) ->
     plt.close(fig)
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
 def summary_table(report: dict[str, Any]) -> str:
     """A markdown table: per scene and overall, model vs baseline."""
     cols = ("event IoU", "F1", "P", "R", "pixel IoU", "volume J", "bg marked", "det P", "det R")
@@ -611,10 +618,11 @@ def summary_table(report: dict[str, Any]) -> str:
                 continue
             vals = [_get(s[method], k) for k in keys]
             lines.append(f"| {name} | {method} | " + " | ".join("-" if math.isnan(v) else f"{v:.3f}" for v in vals) + " |")
-        if "windows" in s:
-            w = s["windows"]
-            lines.append(f"| {name} | windows | mask on inside digits {w['active_inside']}, in gaps {w['active_gap']} "
-                         f"({w['steps_inside']} / {w['steps_gap']} steps) |")
+        for key, method in (("windows", "model"), ("windows_baseline", "baseline")):
+            if key in s:
+                w = s[key]
+                lines.append(f"| {name} | {method} windows | mask on inside windows {_pct(w['active_inside'])}, in gaps "
+                             f"{_pct(w['active_gap'])} ({w['steps_inside']} / {w['steps_gap']} steps) |")
     return "\n".join(lines)
 
 
@@ -768,6 +776,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sweep the inference knobs (leaks, thresholds, decoder gate/threshold, mask window and mode, "
                         f"bin length) one at a time on the benchmark ({SWEEP_DURATION_S} s per scene unless --duration)")
     p.add_argument("--duration", type=float, default=None, help="seconds of sensor time per scene (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="allow --json/--png to replace existing files")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -783,6 +792,13 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--duration {args.duration} must be > 0 seconds")
     if args.source is not None and (args.benchmark or args.sweep):
         raise UsageError("--source cannot be combined with --benchmark/--sweep (they run the benchmark scenes)")
+    if not args.overwrite:
+        given = [Path(x) for x in (args.json, args.png) if x]
+        if args.sweep and args.json:
+            given.append(Path(args.json).with_suffix(".md"))
+        for path in given:
+            if path.exists():
+                raise UsageError(f"{path} exists; pass --overwrite to replace it, or pick another path")
     scenes = [source_scene(args.source, cfg)] if args.source is not None else benchmark_scenes()
     out_dir = new_run_dir(cfg["engine"].runs_dir, "sweep" if args.sweep else "eval")
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731

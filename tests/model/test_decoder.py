@@ -1,6 +1,7 @@
 """Tied decoder: one class spike decodes to exactly its receptive field; gate; classes; mask window."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -8,6 +9,17 @@ from model.config import ModelConfig
 from model.decoder import decode_mask, decode_saliency, saliency_to_mask, window_step
 from model.encoder import Encoder, EncoderOutput
 from stream.config import build
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread, as the engine runs the model: on a loaded 2-core machine torch's
+    spinning worker threads made tiny ops 20-50x slower (a 0.5 s test took 10 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 def _random_output(h: int, w: int, n_classes: int = 1, seed: int = 0, density: float = 0.05) -> EncoderOutput:
@@ -153,3 +165,28 @@ def test_mask_window_union_and_decay() -> None:
         got.append(int(o))
     # presence: 1, 1.5, 0.75, 0.375, ... -> kept at steps 0..2
     assert got == [1, 1, 1, 0, 0]
+
+
+def test_crop_decoder_equals_full_frame_decoder() -> None:
+    """decode_mask_crops (sum of per-spike 40x40 crops) == decode_mask, bit for bit: weights on the
+    2^-12 grid, several rows, two classes, gate on and off, odd size, many spikes."""
+    from model.decoder import decode_mask_crops
+    from model.encoder import quantize_weights
+
+    for gate in (True, False):
+        rows = [_random_output(37, 45, n_classes=2, seed=s, density=0.2) for s in range(3)]
+        g = torch.Generator().manual_seed(5)
+        for o in rows:
+            o.classification_spikes.copy_((torch.rand(o.classification_spikes.shape, generator=g) < 0.3).float())
+        out = rows[0]._replace(
+            classification_spikes=torch.cat([o.classification_spikes for o in rows]),
+            pooling_indices=tuple(torch.cat([o.pooling_indices[i] for o in rows]) for i in range(2)),
+            layer_spikes={k: torch.cat([o.layer_spikes[k] for o in rows]) for k in rows[0].layer_spikes},
+        )
+        w1, w2, w3 = _positive_weights(n_classes=2)
+        w1 = quantize_weights(w1 - 0.6, clip=False)  # signed, like the real Conv1
+        w2, w3 = quantize_weights(w2 - 0.1), quantize_weights(w3 - 0.1)
+        full = decode_mask(out, w1, w2, w3, gate, 0.0)
+        crops = decode_mask_crops(out, w1, w2, w3, gate, 0.0, chunk=50)
+        assert int(out.classification_spikes.sum()) > 100 and 0 < int((full > 0).sum()) < full.numel()
+        assert torch.equal(full, crops)

@@ -24,6 +24,17 @@ from model.instances import (
 from model.sparse import SparseSpikeSEG
 from stream.config import build
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread, as the engine runs the model: on a loaded 2-core machine torch's
+    spinning worker threads made tiny ops 20-50x slower (a 0.5 s test took 10 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 pytestmark = pytest.mark.timeout(300)  # first run compiles the numba kernels (cached afterwards)
 
 W = 64
@@ -123,7 +134,7 @@ def _model_and_steps(n_steps: int, gap: int = 60):
 
 
 def test_batched_onehot_decode_equals_per_spike_decode_and_sparse() -> None:
-    cfg, enc, sp, frames = _model_and_steps(12)
+    cfg, enc, sp, frames = _model_and_steps(7)
     st = dst = None
     checked = 0
     for f in frames:
@@ -182,3 +193,41 @@ def test_spike_cap_and_params_validation() -> None:
         InstanceParams(smash_tau=0.0)
     with pytest.raises(ValueError, match="ash_window"):
         InstanceParams(ash_window=0)
+
+
+@pytest.mark.parametrize("over,hw", [({}, (64, 128)), ({"decoder_gate": False, "n_classes": 2, "theta3": 20.0}, (37, 53))])
+def test_cropped_supports_equal_full_frame_and_sparse(over: dict, hw: tuple[int, int]) -> None:
+    """crop_spike_supports (dense path, 40x40 crops) == full-frame one-hot decode == sparse kernels,
+    with arbitrary (then quantized) weights, odd sizes, gate on/off, two classes."""
+    from model.encoder import quantize_weights
+    from model.instances import crop_spike_supports
+
+    cfg = build(ModelConfig, over)
+    enc = Encoder(cfg, 2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        enc.w2.copy_(quantize_weights(torch.rand(enc.w2.shape, generator=g) * 0.6 + 0.4))
+        enc.w3.copy_(quantize_weights(torch.rand(enc.w3.shape, generator=g)))
+    sp = SparseSpikeSEG.from_encoder(enc)
+    rng = np.random.default_rng(0)
+    h, w = hw
+    st = dst = None
+    n = 0
+    for t in range(12):
+        f = (rng.random((2, h, w)) < 0.08).astype(np.float32)
+        out, st = sp.step(f, st)
+        dout, dst = enc.step(enc.prepare_input(torch.from_numpy(f)), dst)
+        if not len(out.s3):
+            continue
+        a, ca, _ = crop_spike_supports(dout, enc.w1, enc.w2, enc.w3, cfg.decoder_gate, 0.0, 4096)
+        b, cb, _ = dense_spike_supports(dout, enc.w1, enc.w2, enc.w3, cfg.decoder_gate, 0.0, 4096)
+        s = sp.spike_supports(st, out.s3)
+        for x, y, z in zip(a, b, s):
+            assert np.array_equal(x, y) and np.array_equal(x, z), f"step {t}"
+        assert np.array_equal(ca, cb)
+        n += len(ca)
+        # the cap keeps the same evenly spaced subset on both dense producers
+        a8, c8, sk8 = crop_spike_supports(dout, enc.w1, enc.w2, enc.w3, cfg.decoder_gate, 0.0, 8)
+        b8, d8, sk8b = dense_spike_supports(dout, enc.w1, enc.w2, enc.w3, cfg.decoder_gate, 0.0, 8)
+        assert sk8 == sk8b and np.array_equal(c8, d8) and all(np.array_equal(x, y) for x, y in zip(a8, b8))
+    assert n > 100

@@ -16,6 +16,17 @@ from stream.config import Config, build
 from stream.events import MaskResult, SensorSize, Step, StreamReset, empty_events
 from stream.node import NodeError, RunContext, UsageError
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread, as the engine runs the model: on a loaded 2-core machine torch's
+    spinning worker threads made tiny ops 20-50x slower (a 0.5 s test took 10 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SIZE = SensorSize(40, 32)
 
 
@@ -167,17 +178,107 @@ def test_cuda_requested_without_cuda_is_a_node_error() -> None:
         node.open(_ctx())
 
 
+def _binned_steps(n: int, size: SensorSize = SIZE) -> list[Step]:
+    """Steps made by the real binner from events of two moving bars (frames and events agree)."""
+    from stream.binner import Binner, BinnerConfig
+    from stream.events import EventPacket, make_events
+
+    rng = np.random.default_rng(7)
+    parts = []
+    for t in range(n):
+        for x0, y0, v in ((4, 4, 1), (30, 16, -1)):
+            x = x0 + v * t % (size.width - 10)
+            ys = np.arange(y0, y0 + 12)
+            for xx, p in ((x, 1), (x - 2 * v, 0)):
+                parts.append(make_events(np.full(len(ys), t * 1000 + 10) + np.arange(len(ys)), np.full(len(ys), xx % size.width), ys, np.full(len(ys), p)))
+        k = 8
+        parts.append(make_events(np.full(k, t * 1000 + 500), rng.integers(0, size.width, k), rng.integers(0, size.height, k), rng.integers(0, 2, k)))
+    ev = np.concatenate(parts)
+    ev = ev[np.argsort(ev["timestamp"], kind="stable")]
+    b = Binner(build(BinnerConfig, {"bin_us": 1000}), size)
+    out = [s for s in b.process(EventPacket(ev, size)) if isinstance(s, Step)]
+    return out + b.flush()
+
+
+def test_windowed_batches_equal_stepwise_with_instances_and_conv3_firing() -> None:
+    """Dense window (the CUDA batching, forced on CPU) == dense per step == sparse, instances on."""
+    steps = _steps(14)
+    ref, win = _node(path="dense"), ModelNode(_config(path="dense"), SIZE, 2, "cpu", batch_mode="window")
+    win.open(_ctx())
+    sparse = _node(path="sparse")
+    try:
+        a = [ref.process(s)[0] for s in steps]
+        b = win.process_batch(steps[:5]) + win.process_batch(steps[5:6]) + win.process_batch(steps[6:])
+        c = sparse.process_batch(steps)
+    finally:
+        for n in (ref, win, sparse):
+            n.close()
+    assert _summary(a) == _summary(b) == _summary(c)
+    assert [r.instances for r in a] == [r.instances for r in b] == [r.instances for r in c]
+    assert sum(r.layer_spikes["conv3"] for r in a) > 20 and sum(len(r.instances) for r in a) > 5
+
+
+def test_sparse_reads_events_when_they_match_the_frame() -> None:
+    steps = _binned_steps(16)
+    assert sum(s.n_events for s in steps) > 100
+    dense, sparse = _node(path="dense"), _node(path="sparse")
+    try:
+        a = dense.process_batch(steps)
+        b = sparse.process_batch(steps)
+        assert sparse._events_ok is True  # the events path was taken
+        # a stream whose events do not describe the frame falls back to the frame
+        sparse.process(StreamReset("new"))
+        odd = [Step(s.index, s.t0_us, s.t1_us, s.frame, s.events[: len(s.events) // 2], s.size, s.closed_ns) for s in steps]
+        c = sparse.process_batch(odd)
+        assert sparse._events_ok is False
+    finally:
+        dense.close()
+        sparse.close()
+    assert _summary(a) == _summary(b) == _summary(c)
+    assert sum(r.layer_spikes["conv3"] for r in a) > 0
+
+
+def test_adaptation_hook_updates_quantized_weights_and_saves(tmp_path: Path) -> None:
+    from model.checkpoint import read_checkpoint
+    from stream.config import load_config
+
+    save = tmp_path / "adapted.pt"
+    cfg = load_config(None, None, {
+        "model": {"conv1_gain": 40.0, "path": "auto"},
+        "adapt": {"enabled": True, "every_n_steps": 1, "max_share": 1.0, "save_weights": str(save)},
+    })
+    node = build_model_node(cfg, SIZE, 2, "cpu")
+    assert node.path == "dense"  # auto + adapt -> dense (the adapter updates the torch weights)
+    node.open(_ctx())
+    w0 = node.encoder.w2.clone()
+    try:
+        res = node.process_batch(_steps(20))
+        node.reset()
+        res += node.process_batch(_steps(5))
+        w2 = node.encoder.w2
+        assert res[-1].extra["adapt.updates"] > 0 and not torch.equal(w2, w0)
+        assert torch.equal(w2, torch.round(w2 * 4096) / 4096)  # still on the 2^-12 grid
+    finally:
+        node.close()
+    assert torch.equal(read_checkpoint(save).w2, w2)
+    with pytest.raises(UsageError, match="dense"):
+        build_model_node(cfg.replace("model", path="sparse"), SIZE, 2, "cpu")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_and_cuda_give_identical_masks() -> None:
-    cpu, gpu = build_model_node(_config(), SIZE, 2, "cpu"), build_model_node(_config(), SIZE, 2, "cuda")
+    """CUDA dense (windowed micro-batches, TF32 off) == CPU sparse: masks, counts, instances."""
+    cpu, gpu = build_model_node(_config(path="auto"), SIZE, 2, "cpu"), build_model_node(_config(path="auto"), SIZE, 2, "cuda")
     cpu.open(_ctx())
     gpu.open(_ctx())
+    assert (cpu.path, gpu.path) == ("sparse", "dense")
     try:
         steps = _steps(15)
         a = [cpu.process(s)[0] for s in steps]
         gsteps = [Step(s.index, s.t0_us, s.t1_us, s.frame.cuda(), s.events, s.size, s.closed_ns) for s in steps]
-        b = [gpu.process(s)[0] for s in gsteps]
+        b = gpu.process_batch(gsteps[:7]) + [gpu.process(s)[0] for s in gsteps[7:9]] + gpu.process_batch(gsteps[9:])
     finally:
         cpu.close()
         gpu.close()
     assert _summary(a) == _summary(b)
+    assert [r.instances for r in a] == [r.instances for r in b]

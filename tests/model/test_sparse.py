@@ -15,6 +15,17 @@ from model.sparse import SparseSpikeSEG, exact_leak_limit, params_from_config
 from stream.config import build
 from stream.events import make_events
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread, as the engine runs the model: on a loaded 2-core machine torch's
+    spinning worker threads made tiny ops 20-50x slower (a 0.5 s test took 10 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 pytestmark = pytest.mark.timeout(300)  # first run compiles the numba kernels (cached afterwards)
 
 
@@ -91,6 +102,26 @@ def _random_setup(quantise: bool):
 def _random_frames(n: int) -> list[np.ndarray]:
     rng = np.random.default_rng(1)
     return [(_scene(t, 32, 40, rng, 0.03) * rng.integers(1, 4, (2, 32, 40))).astype(np.float32) for t in range(n)]
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_arbitrary_then_quantized_weights_gated_binary_scene_and_noise(seed: int) -> None:
+    """The exactness contract (model.encoder.quantize_weights): arbitrary random weights, put on
+    the 2^-12 grid, default gated binary decoder, two classes, scene + noise input, many
+    steps: spikes, indices and masks identical (the float32 dense path is then exact)."""
+    from model.encoder import quantize_weights
+
+    g = torch.Generator().manual_seed(seed)
+    w2 = quantize_weights(torch.rand((36, 4, 5, 5), generator=g) * 0.7 + 0.3)
+    w3 = quantize_weights(torch.rand((2, 36, 7, 7), generator=g))
+    cfg, enc, sp = _pair({"n_classes": 2, "theta3": 25.0, "lambda1": 3.0}, w2, w3)
+    rng = np.random.default_rng(seed)
+    frames = [_scene(t, 40, 56, rng, 0.02 + 0.04 * (t % 3 == 0)) for t in range(70)]
+    n3 = 0
+    for t, (out, st, dout, _d) in enumerate(_run_both(cfg, enc, sp, frames)):
+        _assert_same(sp, out, st, dout, cfg, enc, t)
+        n3 += out.layer_spikes["conv3"]
+    assert n3 > 50
 
 
 def test_random_grid_weights_count_input_ungated_many_steps() -> None:

@@ -16,10 +16,10 @@ from model.encoder import init_learned_weights
 # Small and busy: 64x64 shapes scene, 5 ms bins (enough Conv2 activity to learn from in seconds).
 SMALL = {
     "binner": {"bin_us": 5000},
-    "synthetic": {"scene": "shapes", "n_objects": 6, "duration_s": 2.0},
+    "synthetic": {"scene": "shapes", "n_objects": 6, "duration_s": 2.0, "width": 64, "height": 64},
     "model": {"instances": False},
     "train": {"crop": 64, "samples_per_epoch": 16, "batch": 8, "scenes": 2, "window_steps": 6,
-              "window_gap": 0, "min_events": 100},
+              "window_gap": 0, "min_events": 100, "val_scenes": ["shapes", "shapes:1.0"], "val_duration_s": 0.1},
 }
 
 
@@ -55,6 +55,15 @@ def test_training_lowers_c_l_and_moves_features(first_run: Path) -> None:
     assert ck.metadata["trained"] is True and ck.metadata["seed"] == 42
     for name in ("checkpoint_epoch1_conv2.pt", "checkpoint_best.pt", "checkpoint_latest.pt"):
         assert (run / "checkpoints" / name).is_file()
+    # selection by validation score: the init is scored first, best = the highest score seen
+    assert (run / "checkpoints" / "checkpoint_epoch0_init.pt").is_file()
+    scores = [m["val_init"]["score"]] + c2["val_curve"] + m["layers"]["conv3"]["val_curve"]
+    assert len(scores) == 1 + len(c2["c_l_curve"]) + len(m["layers"]["conv3"]["c_l_curve"])
+    assert all(0.0 <= v <= 1.0 for v in scores)
+    assert m["best"]["val"]["score"] == max(scores)
+    assert m["best"]["epoch"] == scores.index(max(scores))
+    best = read_checkpoint(run / "checkpoints" / "checkpoint_best.pt")
+    assert best.metadata["train_state"]["best"]["epoch"] == m["best"]["epoch"]
     for png in ("features_conv2.png", "features_conv3.png", "weights_hist.png", "raster_sample.png", "convergence.png"):
         assert (run / "plots" / png).stat().st_size > 1000
     assert list((run / "logs").glob("train_*.log"))
@@ -82,6 +91,10 @@ def test_bad_config_and_resume_are_usage_errors(tmp_path: Path) -> None:
         build(train.TrainConfig, {"scene_seed0": 995, "scenes": 10})
     with pytest.raises(UsageError, match="layers"):
         build(train.TrainConfig, {"layers": ["conv1"]})
+    with pytest.raises(UsageError, match="benchmark"):
+        build(train.TrainConfig, {"val_seed0": 998})  # validation seeds would reach the held-out ones
+    with pytest.raises(UsageError, match="val_scenes"):
+        build(train.TrainConfig, {"val_scenes": ["shapes:lots"]})
     with pytest.raises(UsageError, match="no checkpoint"):
         train.main(_args(tmp_path, "-r", str(tmp_path / "missing.pt")))
 

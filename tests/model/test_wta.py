@@ -93,3 +93,35 @@ def test_bad_arguments_are_rejected() -> None:
         select_winners(t, v, "local", radius=-1)
     with pytest.raises(ValueError, match="shape"):
         select_winners(t, v[0], "local")
+
+
+@pytest.mark.parametrize("mode", ["global", "local", "both"])
+def test_sparse_selection_equals_dense_on_random_maps(mode: str) -> None:
+    """select_winners_sparse on the fired neurons gives exactly the dense selection (many random maps)."""
+    from model.learning.wta import select_winners_sparse
+
+    g = torch.Generator().manual_seed(11)
+    for trial in range(40):
+        c, h, w = 5, 9, 11
+        fired = torch.rand(c, h, w, generator=g) < 0.15
+        # few distinct times and membranes, so ties in time and in membrane both occur
+        t = torch.where(fired, torch.randint(0, 3, (c, h, w), generator=g).float(), torch.tensor(INF))
+        v = torch.where(fired, torch.randint(10, 13, (c, h, w), generator=g).float(), torch.tensor(0.0))
+        dense = select_winners(t, v, mode, radius=trial % 3, max_winners=4 + trial % 5)
+        flat = torch.nonzero(fired.flatten()).flatten()
+        sparse = select_winners_sparse(flat, t.flatten()[flat], v.flatten()[flat], (c, h, w), mode,
+                                       radius=trial % 3, max_winners=4 + trial % 5)
+        assert _rows(sparse) == _rows(dense), (trial, mode)
+        assert torch.equal(sparse.time, dense.time)
+
+
+def test_sparse_selection_rejects_bad_input() -> None:
+    from model.learning.wta import select_winners_sparse
+
+    z = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="1-d"):
+        select_winners_sparse(z, torch.zeros(2), torch.zeros(3), (1, 2, 2))
+    with pytest.raises(ValueError, match="mode"):
+        select_winners_sparse(z, torch.zeros(3), torch.zeros(3), (1, 2, 2), "nearest")  # type: ignore[arg-type]
+    empty = select_winners_sparse(z[:0], torch.zeros(0), torch.zeros(0), (1, 2, 2))
+    assert empty.index.shape == (0, 3)

@@ -172,11 +172,6 @@ def test_stats_json_is_not_overwritten_without_flag(tmp_path: Path) -> None:
     assert r.rc in (1, 2) and "--overwrite" in r.one_error()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sinks/evaluation.py: eval --json/--png replace existing files silently and eval has no "
-    "--overwrite; fix: add --overwrite to add_arguments and, in main() before evaluating, raise "
-    "UsageError(f'{p} exists; pass --overwrite to replace it, or pick another path') for an "
-    "existing --json/--png (and the sweep .md)"))
 def test_eval_outputs_are_not_overwritten_without_flag(tmp_path: Path) -> None:
     target = tmp_path / "eval.json"
     target.write_bytes(OLD)

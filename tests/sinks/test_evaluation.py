@@ -76,6 +76,9 @@ def test_sink_empty_mask_and_unlabelled_steps() -> None:
     assert r["model"]["volume"]["informedness"] == 0.0
     assert r["windows"]["steps_inside"] == 2 and r["windows"]["active_inside"] == 0.0
     assert r["windows"]["steps_gap"] == 1 and r["windows"]["active_gap"] == 1.0
+    # the density baseline is judged on the same windows: the square is dense, so it is on in every step
+    wb = r["windows_baseline"]
+    assert wb["steps_inside"] == 2 and wb["active_inside"] == 1.0 and wb["active_gap"] == 1.0
 
 
 def test_eval_config_validates() -> None:
@@ -198,3 +201,17 @@ def test_sweep_writes_a_table(tmp_path: Path) -> None:
     assert all(r["informedness"] is None or -1 <= r["informedness"] <= 1 for r in res["rows"])
     md = E.sweep_markdown(res)
     assert md.count("| mask_window |") == 2 and "default" in md
+
+
+def test_sweep_knobs_and_defaults() -> None:
+    """The sweep covers the calibration knobs incl. the bin length; unknown knobs fail before any run."""
+    from stream.config import load_config
+
+    cfg = load_config(None, None, {"model": {"instances": False}})
+    vals = E.sweep_values(cfg)
+    for k in ("lambda1", "theta1", "lambda2", "theta2", "theta3", "decoder_gate", "decoder_threshold",
+              "mask_window", "mask_window_mode", "binner.bin_us"):
+        assert k in vals and E.knob_value(cfg, k) in vals[k], k
+    assert {1000, 2000, 5000} <= set(vals["binner.bin_us"]) and {1, 3, 5, 10} <= set(vals["mask_window"])
+    with pytest.raises(UsageError, match="not a config key"):
+        E.sweep(cfg, [], weights=None, duration_s=0.1, out_dir=Path("/nonexistent"), knobs={"binner.nope": [1]})

@@ -40,10 +40,15 @@ Float arithmetic (the contract with the dense path):
   float32 (e.g. weights on a 2^-12 grid with sums < 2^11).  Otherwise float32 conv and this
   path may differ in the last bit of I, which flips a spike only if ``V + I - lambda`` lies
   within a few ulps (~1e-6 relative) of ``theta``; the tests measure it (zero flips seen).
-* the mask compares a float64 saliency with ``decoder_threshold + decoder_eps``.  Where the
-  exact saliency is 0 by cancellation of the signed W1 (zero-mean kernel over a uniform
-  patch), the dense float32 path returns rounding noise of either sign, so no two
-  implementations agree there; ``decoder_eps`` (e.g. 1e-4) removes that band in both.
+* weights are on the 2^-12 grid (:func:`model.encoder.quantize_weights`, applied when an
+  encoder is built, loaded or adapted): every encoder sum is then exact in float32 and
+  every decoder sum exact in float64, here and in the dense decoders (which sum in
+  float64 too), so spikes and masks are identical whatever the order of summation --
+  also where the signed W1 cancels the saliency to exactly 0.  ``decoder_eps`` stays at
+  its default 0 (kept only for callers that want a band above the threshold).
+* decoding: the joint mask by :func:`_decode`; per-spike supports (HULK) by
+  :func:`_support_one` (gated: gathers D2 at the pooled Conv1 cells that spiked, ~3 us
+  per spike at 346x260) or :func:`_decode` (ungated).
 
 State (:class:`SparseState`) is explicit and channels-last; :meth:`SparseSpikeSEG.step`
 updates its arrays **in place** and returns it (copying 4 x H x W membranes per step would

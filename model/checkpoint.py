@@ -34,7 +34,12 @@ from .encoder import N_CONV2, Encoder
 
 FORMAT = "spikestream.ckpt.v1"
 KEYS = frozenset({"format", "w1", "w2", "w3", "theta1", "theta2", "theta3", "config", "metadata"})
+#: The shipped weights, used when no --weights is given: Conv2 trained by `run.py train` (STDP +
+#: WTA, checkpoint chosen by validation IoU on training-side scenes; docs/quality.md section 4).
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
+#: The paper initialisation (N(0.8, 0.01) clipped, seed 42), untrained: the baseline the shipped
+#: weights must beat, and what `make_init_weights` reproduces.
+INIT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "init.pt"
 
 
 class Checkpoint(NamedTuple):
@@ -157,7 +162,7 @@ def load_into(encoder: Encoder, path: str | Path | None) -> Checkpoint:
     return ckpt
 
 
-def make_default_weights(path: str | Path = DEFAULT_WEIGHTS, in_channels: int = 2) -> None:
-    """Write the shipped default: paper initialisation (seed 42), fixed Conv1, untrained, 1 class."""
+def make_init_weights(path: str | Path = INIT_WEIGHTS, in_channels: int = 2) -> None:
+    """Write the untrained paper initialisation (seed 42), fixed Conv1, 1 class (``init.pt``)."""
     enc = Encoder(ModelConfig(seed=42, n_classes=1), in_channels)
     save_checkpoint(path, enc, {"trained": False, "note": "paper initialisation, untrained", "seed": 42})

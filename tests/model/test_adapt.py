@@ -109,7 +109,7 @@ def test_spiking_candidates_match_the_full_layer_step() -> None:
 def test_update_cost_at_sensor_size_is_small() -> None:
     """An update on a busy 346x260 step costs milliseconds, not the ~0.5 s of the full-frame version."""
     torch.set_num_threads(1)
-    cfg = load_config(None, None, {"model": {"instances": False, "lambda1": 2.0},
+    cfg = load_config(None, None, {"model": {"instances": False, "lambda1": 2.0, "conv1_gain": 32.0},
                                    "adapt": {"every_n_steps": 1, "max_share": 1.0, "layers": ["conv2", "conv3"]}})
     enc = Encoder(cfg["model"], 2)
     g = torch.Generator().manual_seed(0)

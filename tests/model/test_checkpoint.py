@@ -10,9 +10,10 @@ import torch
 
 from model.checkpoint import (
     DEFAULT_WEIGHTS,
+    INIT_WEIGHTS,
     FORMAT,
     load_into,
-    make_default_weights,
+    make_init_weights,
     read_checkpoint,
     save_checkpoint,
 )
@@ -74,13 +75,20 @@ def test_untrained_checkpoint_keeps_config_thresholds(tmp_path: Path) -> None:
     assert float(enc.theta1.max()) == 7.0
 
 
-def test_shipped_default_is_paper_init_and_small(tmp_path: Path) -> None:
-    assert DEFAULT_WEIGHTS.is_file() and DEFAULT_WEIGHTS.stat().st_size < 100_000
-    ck = read_checkpoint(DEFAULT_WEIGHTS)
+def test_shipped_init_is_paper_init_and_small(tmp_path: Path) -> None:
+    assert INIT_WEIGHTS.is_file() and INIT_WEIGHTS.stat().st_size < 100_000
+    ck = read_checkpoint(INIT_WEIGHTS)
     assert ck.metadata["trained"] is False and "untrained" in ck.metadata["note"]
     fresh = tmp_path / "d.pt"
-    make_default_weights(fresh)
+    make_init_weights(fresh)
     assert torch.equal(read_checkpoint(fresh).w2, ck.w2) and torch.equal(read_checkpoint(fresh).w3, ck.w3)
+
+
+def test_shipped_default_is_trained_small_and_used_by_default() -> None:
+    assert DEFAULT_WEIGHTS.is_file() and DEFAULT_WEIGHTS.stat().st_size < 100_000
+    ck = read_checkpoint(DEFAULT_WEIGHTS)
+    assert ck.metadata["trained"] is True and ck.metadata["seed"] == 0
+    assert not torch.equal(ck.w2, read_checkpoint(INIT_WEIGHTS).w2)  # STDP moved Conv2
     enc = Encoder(_cfg(), 1)  # one checkpoint serves merged-polarity input too
     load_into(enc, None)
     assert torch.equal(enc.w2, ck.w2)

@@ -73,7 +73,8 @@ class InstanceState:
     h2: int
     w2: int
     hist: np.ndarray  # (ash_window, h2 * w2) uint64
-    written: list[np.ndarray]  # positions set in each slot (to clear it cheaply)
+    written: np.ndarray  # (ash_window, h2 * w2) int64: positions set in each slot (to clear it cheaply)
+    n_written: np.ndarray  # (ash_window,) int64: how many of ``written[slot]`` are valid
     slot: int = -1  # slot of the newest step
     tracks: list[tuple[int, int, tuple[int, int, int, int]]] = field(default_factory=list)
     next_id: int = 1
@@ -84,7 +85,8 @@ def fresh_instance_state(height: int, width: int, params: InstanceParams) -> Ins
     """Empty history for an ``height`` x ``width`` sensor (Conv2 grid H/2 x W/2)."""
     h2, w2 = height // 2, width // 2
     hist = np.zeros((params.ash_window, h2 * w2), np.uint64)
-    return InstanceState(h2, w2, hist, [np.zeros(0, np.int64) for _ in range(params.ash_window)])
+    written = np.zeros((params.ash_window, h2 * w2), np.int64)
+    return InstanceState(h2, w2, hist, written, np.zeros(params.ash_window, np.int64))
 
 
 def record_conv2(state: InstanceState, s2: np.ndarray) -> None:
@@ -94,12 +96,29 @@ def record_conv2(state: InstanceState, s2: np.ndarray) -> None:
     """
     n = state.hist.shape[0]
     slot = (state.slot + 1) % n
-    state.hist[slot, state.written[slot]] = 0
-    pos = s2 // N_FEATURES
-    bits = np.left_shift(np.uint64(1), (s2 % N_FEATURES).astype(np.uint64))
-    np.bitwise_or.at(state.hist[slot], pos, bits)
-    state.written[slot] = np.unique(pos)
+    s2 = np.ascontiguousarray(s2, dtype=np.int64)
+    state.n_written[slot] = _record(state.hist[slot], state.written[slot], int(state.n_written[slot]), s2)
     state.slot = slot
+
+
+@njit(cache=True)
+def _record(row: np.ndarray, written: np.ndarray, n_old: int, s2: np.ndarray) -> int:
+    """Clear ``row`` at its ``n_old`` written positions, then OR in bit ``f`` at ``pos`` for each
+    spike ``pos * 36 + f``; returns the number of distinct positions now listed in ``written``.
+
+    Compiled: ``np.bitwise_or.at`` + ``np.unique`` cost ~0.2 ms per step at 4,000 Conv2 spikes.
+    """
+    for j in range(n_old):
+        row[written[j]] = 0
+    n = 0
+    for i in range(s2.shape[0]):
+        pos = s2[i] // N_FEATURES
+        bit = np.uint64(1) << np.uint64(s2[i] - pos * N_FEATURES)
+        if row[pos] == 0:  # every spike sets a bit, so 0 means "not listed yet"
+            written[n] = pos
+            n += 1
+        row[pos] |= bit
+    return n
 
 
 @njit(cache=True)
@@ -238,14 +257,59 @@ def group_instances(
     sm = _pairwise(np.ascontiguousarray(ash[keep]), np.ascontiguousarray(bboxes[keep]).astype(np.int64))
     same = classes[keep][:, None] == classes[keep][None, :]
     labels = _components((sm >= tau) & same)
-    objs = []
-    for g in range(int(labels.max()) + 1):
-        members = keep[labels == g]
-        pix = np.unique(np.concatenate([pixels[offsets[b]:offsets[b + 1]] for b in members]))
-        ys, xs = np.divmod(pix, width)
-        bbox = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
-        objs.append((int(classes[members[0]]), bbox, int(len(pix))))
-    return objs
+    n_g = int(labels.max()) + 1
+    stats = _group_stats(offsets, pixels, np.ascontiguousarray(bboxes).astype(np.int64), keep.astype(np.int64),
+                         labels, n_g, width)
+    first = np.full(n_g, -1, np.int64)
+    for i in range(len(keep) - 1, -1, -1):
+        first[labels[i]] = keep[i]
+    return [(int(classes[first[g]]), (int(stats[g, 0]), int(stats[g, 1]), int(stats[g, 2]), int(stats[g, 3])),
+             int(stats[g, 4])) for g in range(n_g)]
+
+
+@njit(cache=True)
+def _group_stats(
+    offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, keep: np.ndarray, labels: np.ndarray,
+    n_g: int, width: int,
+) -> np.ndarray:
+    """(n_g, 5) int64: union bbox (x0, y0, x1, y1) and area (distinct pixels) of each group.
+
+    A member's bbox is its support's pixel bbox, so the group bbox is the union of member
+    bboxes; the area counts distinct pixels with a mark grid over that bbox (compiled: the
+    ``np.unique`` of the concatenated supports cost ~0.3 ms per step at 64 spikes).
+    """
+    out = np.zeros((n_g, 5), np.int64)
+    for g in range(n_g):
+        out[g, 0] = 1 << 40
+        out[g, 1] = 1 << 40
+        out[g, 2] = -1
+        out[g, 3] = -1
+    for i in range(keep.shape[0]):
+        g = labels[i]
+        b = keep[i]
+        out[g, 0] = min(out[g, 0], bboxes[b, 0])
+        out[g, 1] = min(out[g, 1], bboxes[b, 1])
+        out[g, 2] = max(out[g, 2], bboxes[b, 2])
+        out[g, 3] = max(out[g, 3], bboxes[b, 3])
+    for g in range(n_g):
+        x0 = out[g, 0]
+        y0 = out[g, 1]
+        bw = out[g, 2] - x0 + 1
+        seen = np.zeros((out[g, 3] - y0 + 1) * bw, np.uint8)
+        area = 0
+        for i in range(keep.shape[0]):
+            if labels[i] != g:
+                continue
+            b = keep[i]
+            for j in range(offsets[b], offsets[b + 1]):
+                o = pixels[j]
+                y = o // width
+                k = (y - y0) * bw + (o - y * width - x0)
+                if seen[k] == 0:
+                    seen[k] = 1
+                    area += 1
+        out[g, 4] = area
+    return out
 
 
 def track(

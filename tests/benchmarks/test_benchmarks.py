@@ -116,3 +116,12 @@ def test_macs_match_perf_notes_at_346x260() -> None:
     mb = bench_model.macs_bytes(SensorSize(346, 260))
     # PERF-NOTES: Conv1 18, Conv2 81, Conv3 10 MMAC per step
     assert round(mb["conv1_mmac"]) == 18 and round(mb["conv2_mmac"]) == 81 and round(mb["conv3_mmac"]) == 10
+
+
+def test_tiny_adaptation_part_reports_update_cost(tmp_path: Path) -> None:
+    rc = main(["--tiny", "--only", "f", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = [r for r in json.loads((tmp_path / "bench.json").read_text())["rows"] if r["section"] == "f online adaptation"]
+    update = [r for r in rows if r["name"].startswith("one Conv2 update")]
+    assert update and update[0]["unit"] == "ms" and update[0]["stat"]["median"] > 0
+    assert update[0]["extra"]["updates"] >= 1

@@ -219,9 +219,11 @@ def test_cropped_supports_equal_full_frame_and_sparse(over: dict, hw: tuple[int,
         dout, dst = enc.step(enc.prepare_input(torch.from_numpy(f)), dst)
         if not len(out.s3):
             continue
-        a, ca, _ = crop_spike_supports(dout, enc.w1, enc.w2, enc.w3, cfg.decoder_gate, 0.0, 4096)
-        b, cb, _ = dense_spike_supports(dout, enc.w1, enc.w2, enc.w3, cfg.decoder_gate, 0.0, 4096)
-        s = sp.spike_supports(st, out.s3)
+        # cap 96: the full-frame reference decodes one H x W map per spike, and the calibrated
+        # defaults (lambda1 1.6) fire hundreds of S3 spikes per step on this input
+        a, ca, _ = crop_spike_supports(dout, enc.w1, enc.w2, enc.w3, cfg.decoder_gate, 0.0, 96)
+        b, cb, _ = dense_spike_supports(dout, enc.w1, enc.w2, enc.w3, cfg.decoder_gate, 0.0, 96)
+        s = sp.spike_supports(st, select_spikes(out.s3, 96)[0])
         for x, y, z in zip(a, b, s):
             assert np.array_equal(x, y) and np.array_equal(x, z), f"step {t}"
         assert np.array_equal(ca, cb)

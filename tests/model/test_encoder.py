@@ -97,7 +97,7 @@ def test_weights_paper_init_and_fixed_conv1() -> None:
 
 def test_state_persists_across_steps_and_reset_drops_it() -> None:
     # theta 10, lambda 9: a neuron receiving I = 14 per step reaches 5, 10 -> fires on step 2, never on step 1.
-    cfg = _cfg(conv1_gain=14.0)
+    cfg = _cfg(conv1_gain=14.0, lambda1=9.0)
     enc = Encoder(cfg, 1)
     x = torch.zeros(1, 1, 9, 9)
     x[0, 0, 2:7, 4] = 1.0  # a 5-px vertical line: the 0-degree Gabor's positive lobe, I = gain at (4, 4)

@@ -792,7 +792,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--duration {args.duration} must be > 0 seconds")
     if args.source is not None and (args.benchmark or args.sweep):
         raise UsageError("--source cannot be combined with --benchmark/--sweep (they run the benchmark scenes)")
-    if not args.overwrite:
+    if not getattr(args, "overwrite", False):  # Namespaces built by hand (tests, scripts) may lack it
         given = [Path(x) for x in (args.json, args.png) if x]
         if args.sweep and args.json:
             given.append(Path(args.json).with_suffix(".md"))

@@ -27,8 +27,15 @@ ROOT = Path(__file__).resolve().parents[2]
 # clients attached, hence os._exit; the test kills it anyway).
 SERVER = textwrap.dedent(
     """
-    import os, sys, time
+    import os, sys, threading, time
     import dv_processing as dv
+
+    def wait_until(cond, timeout_s):
+        # wait for cond() with a timeout, re-checking every 5 ms (no fixed sleeps)
+        tick, end = threading.Event(), time.monotonic() + timeout_s
+        while not cond() and time.monotonic() < end:
+            tick.wait(0.005)
+
     from tests.sources.aedat_util import random_events, to_store
     addr, n, w, h, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
     stream = dv.io.Stream.EventStream(0, "events", "TEST_NET", (w, h))
@@ -38,16 +45,13 @@ SERVER = textwrap.dedent(
         host, port = addr.rsplit(":", 1)
         srv = dv.io.NetworkWriter(host, int(port), stream)
     print("listening", flush=True)
-    t0 = time.monotonic()
-    while srv.getClientCount() == 0 and time.monotonic() - t0 < 20:
-        time.sleep(0.005)
-    time.sleep(hold)
+    wait_until(lambda: srv.getClientCount() > 0, 20)
+    threading.Event().wait(hold)  # the scenario: a server that holds back its data
     ev = random_events(n, (w, h), seed=5)
     for i in range(0, n, 1000):
         srv.writeEvents(to_store(ev[i:i + 1000]))
-    while srv.getQueuedPacketCount() > 0 and time.monotonic() - t0 < 20:
-        time.sleep(0.005)
-    time.sleep(0.2)
+    wait_until(lambda: srv.getQueuedPacketCount() == 0, 20)
+    threading.Event().wait(0.2)  # let the socket flush the last packet before the hard exit
     os._exit(0)
     """
 )

@@ -76,12 +76,17 @@ def _rows(out: EncoderOutput, rows: torch.Tensor) -> EncoderOutput:
     )
 
 
+_NO_PIXELS = np.zeros(0, np.int64)
+
+
 class _SparseWindow:
     """``union`` mask window state of the sparse path (numpy): newest lighting step and class per pixel."""
 
-    def __init__(self, h: int, w: int) -> None:
+    def __init__(self, h: int, w: int, n: int) -> None:
         self.last = np.full(h * w, -(1 << 40), np.int64)
         self.cls = np.zeros(h * w, np.uint8)
+        self.ring: list[np.ndarray] = [_NO_PIXELS] * n  # pixels lit at each of the last n steps (slot t % n)
+        self.out = np.zeros(h * w, np.uint8)  # the window mask, kept up to date in place
         self.t = 0
 
 
@@ -251,10 +256,14 @@ class ModelNode(Transform):
         if mc.mask_window > 1 and mc.mask_window_mode == "union":
             h, w = sout.mask.shape
             if self._sp_win is None:
-                self._sp_win = _SparseWindow(h, w)
+                self._sp_win = _SparseWindow(h, w, mc.mask_window)
             win = self._sp_win
-            mask = np.empty((h, w), np.uint8)
-            union_window_np(sout.mask.reshape(-1), win.last, win.cls, win.t, mc.mask_window, n3 > 0, mask.reshape(-1))
+            raw = sout.mask.reshape(-1)
+            lit = np.flatnonzero(raw) if n3 > 0 else _NO_PIXELS
+            slot = win.t % mc.mask_window
+            union_window_np(raw, lit, win.ring[slot], win.last, win.cls, win.t, mc.mask_window, win.out)
+            win.ring[slot] = lit
+            mask = win.out.reshape(h, w).copy()
             win.t += 1
         else:
             m, self._win_state = window_step(

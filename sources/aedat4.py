@@ -346,45 +346,69 @@ class ChildReader:
         finally:
             os.close(w)
         self._fd = r
-        self._buf = bytearray()
+        # The message being received: header fields, its destination buffer and how many
+        # payload bytes are in.  Payloads are read straight into their destination (the
+        # events' own array): one copy from the pipe, where reading into a bytearray and
+        # then copying out cost two (recv: 124 -> ~60 ms per 4 M events, measured).
+        self._hdr = bytearray()
+        self._msg: tuple[bytes, int, Any, memoryview] | None = None
+        self._got = 0
         self.closed = False
 
-    def _fill(self, n: int, deadline: float | None) -> bool:
-        """Read until the buffer holds ``n`` bytes; False on timeout. EOFError on EOF."""
-        while len(self._buf) < n:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self._fd], [], [], timeout)
-            if not ready:
-                return False
-            chunk = os.read(self._fd, max(n - len(self._buf), 1 << 20))
-            if not chunk:
-                raise EOFError
-            self._buf += chunk
-        return True
+    def _read_into(self, view: memoryview, deadline: float | None) -> int:
+        """Read what is available into ``view`` (0 on timeout); EOFError on EOF."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        if not ready:
+            return 0
+        n = os.readv(self._fd, [view])
+        if n == 0:
+            raise EOFError
+        return n
 
     def recv(self, timeout: float | None) -> tuple[str, Any] | None:
-        """Next complete message, or None after ``timeout`` seconds (None: wait forever)."""
+        """Next complete message, or None after ``timeout`` seconds (None: wait forever).
+
+        A message cut by the timeout is kept and completed by the next call.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            if not self._fill(_HDR.size, deadline):
-                return None
-            kind, length = _HDR.unpack_from(self._buf)
+            while self._msg is None:
+                # header bytes only (9): the payload then goes to its own buffer
+                need = _HDR.size - len(self._hdr)
+                part = bytearray(need)
+                n = self._read_into(memoryview(part), deadline)
+                if n == 0:
+                    return None
+                self._hdr += part[:n]
+                if len(self._hdr) == _HDR.size:
+                    kind, length = _HDR.unpack(self._hdr)
+                    self._hdr = bytearray()
+                    if kind == b"E":
+                        if length % EVENT_DTYPE.itemsize:  # the child sends whole events only
+                            return "error", f"reader process sent {length} bytes of events, not whole events (a bug)"
+                        dest: Any = np.empty(length // EVENT_DTYPE.itemsize, dtype=EVENT_DTYPE)
+                        view = memoryview(dest.view(np.uint8))
+                    else:
+                        dest = bytearray(length)
+                        view = memoryview(dest)
+                    self._msg, self._got = (kind, length, dest, view), 0
+            kind, length, dest, view = self._msg
             # once a header is in, the payload follows at pipe speed: the deadline still applies
-            if not self._fill(_HDR.size + length, deadline):
-                return None
+            while self._got < length:
+                n = self._read_into(view[self._got :], deadline)
+                if n == 0:
+                    return None
+                self._got += n
         except EOFError:
             code = self.proc.wait()
             return "error", f"reader process ended unexpectedly (exit code {code})"
-        payload = bytes(self._buf[_HDR.size : _HDR.size + length]) if kind != b"E" else None
+        self._msg = None
         if kind == b"E":
-            arr = np.empty(length // EVENT_DTYPE.itemsize, dtype=EVENT_DTYPE)
-            arr.view(np.uint8)[:] = np.frombuffer(self._buf, np.uint8, length, _HDR.size)
-        del self._buf[: _HDR.size + length]
-        if kind == b"E":
-            return "events", arr
+            return "events", dest
         if kind == b"W":
             return "wrap", None
-        data = json.loads(payload or b"{}")
+        data = json.loads(bytes(dest) or b"{}")
         if kind == b"M":
             return "meta", data
         if kind == b"D":
@@ -635,14 +659,19 @@ class Aedat4Source(SourceNode):
 
     def _check(self, ev: np.ndarray, size: SensorSize, path: Path, n_read: int, last_t: int | None) -> None:
         """Reject what can only be a corrupt decode: events outside the sensor, time going back."""
-        x, y, t = ev["x"], ev["y"], ev["timestamp"]
-        if int(x.min()) < 0 or int(y.min()) < 0 or int(x.max()) >= size.width or int(y.max()) >= size.height:
+        # One compiled pass (the binner's scan) instead of six numpy reductions over strided
+        # fields (75 -> ~15 µs per 20,000 events).  Imported here, not at the top: the reader
+        # child loads this file and must not import torch (stream.binner does).
+        from stream.binner import scan_events
+
+        n_out, n_back, _ = scan_events(ev, size, np.iinfo(np.int64).min if last_t is None else last_t)
+        if n_out:
             raise NodeError(
                 f"{path} is corrupt: event outside the {size} sensor after {n_read} good events "
                 "(dv-processing decoded garbage); re-export or trim the file"
             )
-        back = (last_t is not None and int(t[0]) < last_t) or bool(np.any(t[1:] < t[:-1]))
-        if back:
+        # with every event on the sensor, "earlier than a kept event" = "time goes backwards"
+        if n_back:
             raise NodeError(
                 f"{path} is corrupt: timestamps go backwards after {n_read} good events; re-export or trim the file"
             )

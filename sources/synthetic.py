@@ -59,7 +59,7 @@ import numpy as np
 
 from stream.clock import Clock, WallClock
 from stream.config import Config, section
-from stream.events import EVENT_DTYPE, EventPacket, SensorSize
+from stream.events import EVENT_DTYPE, EventPacket, SensorSize, concat_events
 from stream.node import NodeError, RunContext, SourceNode, UsageError
 from stream.registry import register_source
 
@@ -893,7 +893,7 @@ class SyntheticScene:
             self._buf_ev.append(ev)
             self._buf_lab.append(lab)
         # dtype= keeps dv-processing's padded layout (numpy would otherwise pack the fields)
-        ev = np.concatenate(self._buf_ev, dtype=EVENT_DTYPE) if self._buf_ev else np.zeros(0, EVENT_DTYPE)
+        ev = concat_events(self._buf_ev) if self._buf_ev else np.zeros(0, EVENT_DTYPE)
         lab = np.concatenate(self._buf_lab) if self._buf_lab else np.zeros(0, np.int16)
         cut = int(np.searchsorted(ev["timestamp"], t_end_us, side="left"))
         self._buf_ev, self._buf_lab = [ev[cut:]], [lab[cut:]]

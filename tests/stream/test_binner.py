@@ -133,6 +133,44 @@ def test_clean_events_does_not_mutate_input() -> None:
     np.testing.assert_array_equal(ev, before)
 
 
+def test_events_before_the_previous_packet_are_dropped_past_the_first() -> None:
+    # t_floor holds for every event of the packet, not only the first (it used to be
+    # forgotten after the first event, so 60 here was kept and binned before t0)
+    ev = make_events([50, 60, 120, 110], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1])
+    kept, n_out, n_back, keep = clean_events(ev, SIZE, 100)
+    assert kept["timestamp"].tolist() == [120] and (n_out, n_back) == (0, 3)
+    assert keep.tolist() == [False, False, True, False]
+
+
+def test_compiled_scan_matches_reference() -> None:
+    from stream.binner import _scan_kernel, _scan_numpy
+
+    rng = np.random.default_rng(2)
+    n = 3000
+    ev = make_events(rng.integers(0, 400, n), rng.integers(-2, 6, n), rng.integers(-1, 4, n), rng.integers(0, 2, n))
+    for t_floor in (np.iinfo(np.int64).min, 0, 200):
+        k1, k2 = np.empty(n, np.bool_), np.empty(n, np.bool_)
+        r1 = _scan_kernel(ev["timestamp"], ev["x"], ev["y"], 4, 3, np.int64(t_floor), k1)
+        r2 = _scan_numpy(ev["timestamp"], ev["x"], ev["y"], 4, 3, t_floor, k2)
+        assert tuple(int(v) for v in r1) == r2
+        np.testing.assert_array_equal(k1, k2)
+
+
+def test_concat_and_take_events_equal_numpy() -> None:
+    from stream.events import EVENT_DTYPE, concat_events, take_events
+
+    rng = np.random.default_rng(3)
+    ev = make_events(np.arange(50), rng.integers(0, 4, 50), rng.integers(0, 3, 50), rng.integers(0, 2, 50))
+    parts = [ev[:7], ev[7:7], ev[7:31], ev[31:]]
+    out = concat_events(parts)
+    assert out.dtype == EVENT_DTYPE
+    np.testing.assert_array_equal(out, np.concatenate(parts))
+    mask = rng.integers(0, 2, 50).astype(bool)
+    np.testing.assert_array_equal(take_events(ev, mask), ev[mask])
+    with pytest.raises(ValueError, match="EVENT_DTYPE"):
+        concat_events([ev, np.zeros(3, np.int64)])
+
+
 def test_config_validation() -> None:
     from stream.node import UsageError
 

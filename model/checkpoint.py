@@ -19,6 +19,7 @@ an error, never silently ignored.
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -80,14 +81,21 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not p.is_file():
         raise UsageError(f"checkpoint {p} not found; pass an existing .pt file to --weights or omit it for the default")
     try:
-        data = torch.load(str(p), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # junk input makes torch warn about odd pickle protocols before failing: the
+            # one-line error below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's message is many lines of advice to pass weights_only=False: exactly what we refuse.
         raise NodeError(
             f"checkpoint {p} refused: not a SpikeStream checkpoint, or it holds pickled objects other than "
             "tensors (never unpickled); pass a spikestream.ckpt.v1 file written by save_checkpoint"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        # junk bytes reach torch's restricted unpickler, which fails with whatever its opcode
+        # handlers hit (a KeyError on an unknown memo id, an IndexError on an empty stack ...)
         raise NodeError(f"{p} is not a SpikeStream checkpoint ({type(e).__name__}); pass a file written by save_checkpoint") from None
     if not isinstance(data, dict) or data.get("format") is None:
         raise NodeError(f"{p} is not a SpikeStream checkpoint (no 'format' key); pass a file written by save_checkpoint")

@@ -5,6 +5,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,6 +123,12 @@ def test_not_a_checkpoint_and_wrong_version(tmp_path: Path) -> None:
     junk.write_bytes(os.urandom(256))
     with pytest.raises(NodeError, match="not a SpikeStream checkpoint"):
         read_checkpoint(junk)
+    # seeded junk: random bytes once failed with a bare KeyError from torch's unpickler
+    rng = np.random.default_rng(7)
+    for i in range(300):
+        junk.write_bytes(rng.integers(0, 256, int(rng.integers(1, 400)), dtype=np.uint8).tobytes())
+        with pytest.raises(NodeError, match="not a SpikeStream checkpoint"):
+            read_checkpoint(junk)
     plain = tmp_path / "plain.pt"
     torch.save({"w": torch.zeros(1)}, plain)
     with pytest.raises(NodeError, match="no 'format' key"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from stream.binner import Binner, BinnerConfig, _bin_numpy, bin_events, clean_events
@@ -188,3 +189,38 @@ def test_events_spanning_packets_keep_the_dv_layout() -> None:
     b.process(EventPacket(make_events([2, 3], [1, 2], [0, 0], [1, 0]), SIZE))
     (s,) = _steps(b.process(EventPacket(make_events([10], [0], [0], [1]), SIZE)))
     assert s.events.dtype == EVENT_DTYPE and s.n_events == 4
+
+
+def test_recycled_frames_are_never_reused_while_referenced() -> None:
+    import gc
+
+    b, _ = _binner(bin_us=10)
+    rng = np.random.default_rng(4)
+
+    def feed(t_start: int, n_bins: int) -> list[Step]:
+        t = np.sort(rng.integers(t_start, t_start + 10 * n_bins, 200))
+        ev = make_events(t, rng.integers(0, SIZE.width, 200), rng.integers(0, SIZE.height, 200), rng.integers(0, 2, 200))
+        out: list[Step] = []
+        for a in range(0, 200, 20):  # packets of 20 events: one bin closes at a time
+            out += _steps(b.process(EventPacket(ev[a : a + 20], SIZE)))
+        return out
+
+    kept = feed(0, 40)
+    expect = [s.frame.clone() for s in kept]
+    views = [s.frame[1] for s in kept[:5]]  # views keep their frame alive too
+    ptrs = {s.frame.data_ptr() for s in kept}
+    more = feed(1000, 40)
+    for s, e in zip(kept, expect):  # nothing handed out was overwritten
+        assert torch.equal(s.frame, e)
+    for s in more:
+        np.testing.assert_array_equal(s.frame.numpy(), _bin_numpy(s.events, s.t0_us, 10, 1, 2, SIZE.height, SIZE.width)[0])
+    assert not ptrs & {s.frame.data_ptr() for s in more}  # all still held: fresh buffers
+    del kept, expect, more, s
+    gc.collect()
+    held = {v.data_ptr() - v.storage_offset() * 4 for v in views}
+    again = feed(2000, 40)
+    reused = {s.frame.data_ptr() for s in again}
+    assert reused & ptrs  # released frames are recycled ...
+    assert not reused & held  # ... but not those a view still holds
+    for s in again:
+        np.testing.assert_array_equal(s.frame.numpy(), _bin_numpy(s.events, s.t0_us, 10, 1, 2, SIZE.height, SIZE.width)[0])

@@ -59,6 +59,8 @@ class ModelConfig:
     Instances: ``instances``, ``smash_tau``, ``ash_window`` (HULK-SMASH, model/instances.py).
     Execution: ``path`` ("auto": the event-driven path on CPU, dense on CUDA or with
     ``adapt.enabled``; chosen once per node; ``sparse_max_density`` is not read by the node),
+    ``decode_threads`` (event-driven path: the step's mask and per-spike supports are decoded
+    on this many threads, the model thread plus helpers; 1 = no helper thread),
     ``weights`` (checkpoint path; None = model/weights/default.pt), ``seed`` for the
     initialisation of untrained weights.
     """
@@ -86,6 +88,7 @@ class ModelConfig:
     ash_window: int = 10
     path: Literal["auto", "dense", "sparse"] = "auto"
     sparse_max_density: float = 0.02
+    decode_threads: int = 2
     weights: str | None = None
     seed: int = 42
 
@@ -117,6 +120,8 @@ class ModelConfig:
             raise ValueError(f"ash_window={self.ash_window} is not allowed; use >= 1 steps")
         if not (0 <= self.sparse_max_density <= 1):
             raise ValueError(f"sparse_max_density={self.sparse_max_density} is not allowed; use 0..1")
+        if not (1 <= self.decode_threads <= 16):
+            raise ValueError(f"decode_threads={self.decode_threads} is not allowed; use 1..16 (1 = no helper thread)")
         if self.weights is not None and not self.weights.strip():
             raise ValueError("weights is an empty string; give a checkpoint path or leave it null")
 

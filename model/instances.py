@@ -363,23 +363,44 @@ def instances_step(
 
 
 def sparse_instances(
-    model: Any, sstate: Any, out: Any, state: InstanceState | None, params: InstanceParams
+    model: Any, sstate: Any, out: Any, state: InstanceState | None, params: InstanceParams,
+    supports: tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray], int] | None = None,
 ) -> tuple[list[Instance], InstanceState]:
     """HULK-SMASH on the sparse path: call right after ``model.step`` (same step).
 
     ``model``: :class:`model.sparse.SparseSpikeSEG`; ``sstate``/``out`` its state and output.
+    ``supports``: ``(spikes, supports, skipped)`` already decoded for
+    ``select_spikes(out.s3, params.max_spikes)`` (the node decodes them on helper threads);
+    None = decode them here.
     """
     g = sstate.grid
     if state is None:
         state = fresh_instance_state(g.h, g.w, params)
-    spikes, skipped = select_spikes(out.s3, params.max_spikes)
-    state.skipped_spikes = skipped
-    if len(spikes):
-        supports = model.spike_supports(sstate, spikes)
+    if supports is None:
+        spikes, skipped = select_spikes(out.s3, params.max_spikes)
+        sup = model.spike_supports(sstate, spikes) if len(spikes) else empty_supports()
     else:
-        supports = (np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64))
+        spikes, sup, skipped = supports
+    state.skipped_spikes = skipped
     classes = spikes % model.n_classes + 1
-    return instances_step(supports, classes, out.s2, g.w, state, params)
+    return instances_step(sup, classes, out.s2, g.w, state, params)
+
+
+def empty_supports() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, pixels, bboxes) of zero decoded spikes."""
+    return np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64)
+
+
+def merge_supports(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenate (offsets, pixels, bboxes) of consecutive spike chunks into one."""
+    if len(parts) == 1:
+        return parts[0]
+    offs = [parts[0][0]]
+    base = int(parts[0][0][-1])
+    for o, _p, _b in parts[1:]:
+        offs.append(o[1:] + base)
+        base += int(o[-1])
+    return np.concatenate(offs), np.concatenate([p for _o, p, _b in parts]), np.concatenate([b for _o, _p, b in parts])
 
 
 def onehot_spikes(s3: Any) -> tuple[Any, Any]:

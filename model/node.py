@@ -49,7 +49,12 @@ from .checkpoint import DEFAULT_WEIGHTS, load_into
 from .config import ModelConfig
 from .decoder import MaskWindowState, decode_mask_crops, union_window_np, window_step, window_steps
 from .encoder import Encoder, EncoderOutput, EncoderState
+from .side import SideThreads
 from .sparse import SparseSpikeSEG
+
+# share of the decoded spikes given to the model thread, which also decodes the joint mask
+# (measured at 346x260 on the built-in scene: the mask costs ~0.4x the supports of 64 spikes)
+_MASK_VS_SUPPORTS = 0.4
 
 __all__ = ["ModelConfig", "ModelNode", "build_model_node"]
 
@@ -76,16 +81,13 @@ def _rows(out: EncoderOutput, rows: torch.Tensor) -> EncoderOutput:
     )
 
 
-_NO_PIXELS = np.zeros(0, np.int64)
-
-
 class _SparseWindow:
     """``union`` mask window state of the sparse path (numpy): newest lighting step and class per pixel."""
 
     def __init__(self, h: int, w: int, n: int) -> None:
         self.last = np.full(h * w, -(1 << 40), np.int64)
         self.cls = np.zeros(h * w, np.uint8)
-        self.ring: list[np.ndarray] = [_NO_PIXELS] * n  # pixels lit at each of the last n steps (slot t % n)
+        self.ring: list[np.ndarray] = [np.zeros(0, np.int64)] * n  # pixels lit at each of the last n steps (slot t % n)
         self.out = np.zeros(h * w, np.uint8)  # the window mask, kept up to date in place
         self.t = 0
 
@@ -149,6 +151,7 @@ class ModelNode(Transform):
             except ValueError as e:
                 raise UsageError(f"config 'model': {e}") from None
         self._sparse_model: SparseSpikeSEG | None = None
+        self._side: SideThreads | None = None
         self._adapter_open = False
         self.encoder: Encoder | None = None
         self.checkpoint_metadata: dict[str, Any] = {}
@@ -169,6 +172,7 @@ class ModelNode(Transform):
         self.encoder = enc.to(self.device)
         if self._path == "sparse":
             self._sparse_model = SparseSpikeSEG.from_encoder(enc)
+            self._side = SideThreads(self.mc.decode_threads)
         if self.adapter is not None:
             self.adapter.open(ctx, self.encoder)
             self._adapter_open = True
@@ -185,6 +189,9 @@ class ModelNode(Transform):
                 self._adapter_open = False
                 self.adapter.close()  # writes the adapted checkpoint (may raise NodeError)
         finally:
+            if self._side is not None:
+                self._side.close()
+                self._side = None
             self.encoder = None
             self._sparse_model = None
             self.reset()
@@ -193,6 +200,7 @@ class ModelNode(Transform):
         """Drop every piece of streaming state (membranes, window, tracks); learned weights stay."""
         self._enc_state: EncoderState | None = None
         self._sp_state: Any = None
+        self._side_scratch: list[dict[str, np.ndarray]] = []
         self._win_state: MaskWindowState | None = None
         self._sp_win: _SparseWindow | None = None
         self._inst_state: inst.InstanceState | None = None
@@ -245,12 +253,18 @@ class ModelNode(Transform):
         if self._use_events(step):
             # the bin's events give the same active-input list as the frame (verified once per
             # stream), in ~2 us instead of a ~70 us scan of the 2 x H x W frame at 346x260
-            sout, self._sp_state = spm.step(None, self._sp_state, events=step.events)
+            sout, self._sp_state = spm.step(None, self._sp_state, events=step.events, decode=False)
         else:
-            sout, self._sp_state = spm.step(step.frame, self._sp_state)
+            sout, self._sp_state = spm.step(step.frame, self._sp_state, decode=False)
         instances: list[Instance] = []
-        if self._inst_params is not None:
-            found, self._inst_state = inst.sparse_instances(spm, self._sp_state, sout, self._inst_state, self._inst_params)
+        ip = self._inst_params
+        if ip is None:
+            sout = spm.decode_mask(sout, self._sp_state)
+        else:
+            spikes, skipped = inst.select_spikes(sout.s3, ip.max_spikes)
+            sout, sup = self._decode_parallel(spm, sout, spikes)
+            found, self._inst_state = inst.sparse_instances(spm, self._sp_state, sout, self._inst_state, ip,
+                                                            supports=(spikes, sup, skipped))
             instances = list(found)
         n3 = sout.layer_spikes["conv3"]
         if mc.mask_window > 1 and mc.mask_window_mode == "union":
@@ -259,7 +273,7 @@ class ModelNode(Transform):
                 self._sp_win = _SparseWindow(h, w, mc.mask_window)
             win = self._sp_win
             raw = sout.mask.reshape(-1)
-            lit = np.flatnonzero(raw) if n3 > 0 else _NO_PIXELS
+            lit = sout.lit
             slot = win.t % mc.mask_window
             union_window_np(raw, lit, win.ring[slot], win.last, win.cls, win.t, mc.mask_window, win.out)
             win.ring[slot] = lit
@@ -274,6 +288,31 @@ class ModelNode(Transform):
         counts = {"conv1": int(sout.layer_spikes["conv1"]), "conv2": int(sout.layer_spikes["conv2"]), "conv3": int(n3)}
         return MaskResult(step=step, mask=mask, instances=instances, layer_spikes=counts,
                           model_done_ns=time.perf_counter_ns())
+
+    def _decode_parallel(self, spm: SparseSpikeSEG, sout: Any, spikes: np.ndarray) -> tuple[Any, Any]:
+        """The step's mask and the supports of ``spikes``, split over the side threads.
+
+        The model thread decodes the mask and the first (smaller) chunk of spikes; each
+        helper decodes one chunk with its own scratch.  Supports are per spike, so the
+        chunks' results concatenate to exactly the one-call result.
+        """
+        st = self._sp_state
+        side = self._side
+        n = side.n if side is not None else 1
+        if len(spikes) == 0:
+            return spm.decode_mask(sout, st), inst.empty_supports()
+        if n == 1 or len(spikes) < 2 * n:
+            return spm.decode_mask(sout, st), spm.spike_supports(st, spikes)
+        while len(self._side_scratch) < n - 1:
+            self._side_scratch.append(spm.decode_scratch(st))
+        b = len(spikes)
+        first = int(round(b * max(0.0, 1.0 - _MASK_VS_SUPPORTS * (n - 1)) / n))
+        rest = np.array_split(spikes[first:], n - 1)
+        jobs = [lambda: (spm.decode_mask(sout, st), spm.spike_supports(st, spikes[:first]))]
+        jobs += [lambda c=c, sc=sc: spm.spike_supports(st, c, sc) for c, sc in zip(rest, self._side_scratch)]
+        res = side.run(jobs)  # type: ignore[union-attr]
+        sout, sup0 = res[0]
+        return sout, inst.merge_supports([sup0, *res[1:]])
 
     def _use_events(self, step: Step) -> bool:
         """Whether ``step.events`` describe ``step.frame`` exactly (then the sparse path reads events).

@@ -67,7 +67,7 @@ LEAK_CODES = {"subtractive": 0, "multiplicative": 1, "none": 2}
 
 
 # --------------------------------------------------------------------------- kernels
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _active_from_frame(
     frame: np.ndarray, bits: np.ndarray, hw: int, binary: bool, pos: np.ndarray, ch: np.ndarray, val: np.ndarray
 ) -> int:
@@ -99,7 +99,7 @@ def _active_from_frame(
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _active_from_events(
     xs: np.ndarray, ys: np.ndarray, ps: np.ndarray, c_n: int, h: int, w: int, binary: bool,
     count: np.ndarray, pos: np.ndarray, ch: np.ndarray, val: np.ndarray,
@@ -125,7 +125,7 @@ def _active_from_events(
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _layer(
     src_pos: np.ndarray, src_ch: np.ndarray, src_val: np.ndarray, n_src: int, wi: int,
     wt: np.ndarray, pad: int, ho: int, wo: int,
@@ -252,7 +252,7 @@ def _layer(
     return ns
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pool(
     spikes: np.ndarray, ns: int, c_n: int, w: int, hp: int, wp: int, t: int,
     pmark: np.ndarray, poff: np.ndarray, plist: np.ndarray, head: np.ndarray, hmark: np.ndarray,
@@ -317,7 +317,7 @@ def _pool(
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _scatter5(
     val: float, wt: np.ndarray, ci: int, ty: int, tx: int, h: int, w: int, stamp: int,
     acc: np.ndarray, mark: np.ndarray, lst: np.ndarray, n: int,
@@ -343,7 +343,7 @@ def _scatter5(
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _decode(
     spk_pos: np.ndarray, n_spk: int, k: int, w3t: np.ndarray, w2t: np.ndarray, k1t: np.ndarray,
     w4: int, h2: int, w2: int, h: int, w: int,
@@ -493,24 +493,34 @@ def _decode(
     return nd, ns
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mask_into(
     mask: np.ndarray, best: np.ndarray, bestmark: np.ndarray, stamp0: int, cls: int,
-    sal: np.ndarray, sallist: np.ndarray, ns: int, cut: float,
-) -> None:
-    """``mask = cls + 1`` where ``sal > cut`` and it beats earlier classes (first max wins); zero ``sal``."""
+    sal: np.ndarray, sallist: np.ndarray, ns: int, cut: float, lit: np.ndarray, n_lit: int,
+) -> int:
+    """``mask = cls + 1`` where ``sal > cut`` and it beats earlier classes (first max wins); zero ``sal``.
+
+    Pixels lit for the first time this step (``bestmark != stamp0``) are appended to ``lit``;
+    returns the new count (so the window needs no scan of the whole mask).
+    """
     for j in range(ns):
         o = sallist[j]
         v = sal[o]
         sal[o] = 0.0
         if v > cut:
-            if bestmark[o] != stamp0 or v > best[o]:
+            if bestmark[o] != stamp0:
                 bestmark[o] = stamp0
                 best[o] = v
                 mask[o] = cls + 1
+                lit[n_lit] = o
+                n_lit += 1
+            elif v > best[o]:
+                best[o] = v
+                mask[o] = cls + 1
+    return n_lit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mask_gated(
     spk_pos: np.ndarray, n_spk: int, k: int, w3t: np.ndarray, w2t: np.ndarray, k1t: np.ndarray,
     w4: int, h4: int, w2: int, h: int, w: int,
@@ -584,7 +594,7 @@ def _mask_gated(
     return ns
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _support_one(
     p: int, k: int, w3t: np.ndarray, w2t: np.ndarray, k1t: np.ndarray,
     w4: int, h2: int, w2: int, h: int, w: int,
@@ -645,7 +655,7 @@ def _support_one(
     return ns
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _decode_batch(
     spikes: np.ndarray, n_cls: int, cut: float, w3t: np.ndarray, w2t: np.ndarray, k1t: np.ndarray,
     w4: int, h2: int, w2: int, h: int, w: int,
@@ -830,7 +840,8 @@ class SparseOutput(NamedTuple):
     ``p1``/``p2``: pooled entries (flat pooled position, channel, first-spike window offset
     0..3) as an (n, 3) int64 array; ``mask``: (H, W) uint8 raw mask (0 = background, k =
     class k) or an all-zero mask without S3 spikes; ``layer_spikes``: counts per layer;
-    ``t``: the step's index since reset.
+    ``t``: the step's index since reset; ``lit``: the flat indices of the mask's non-zero
+    pixels (unordered; the window consumes them instead of scanning the mask).
     """
 
     s1: np.ndarray
@@ -841,6 +852,7 @@ class SparseOutput(NamedTuple):
     mask: np.ndarray
     layer_spikes: dict[str, int]
     t: int
+    lit: np.ndarray
 
 
 def _as_np_f32(w: Any) -> np.ndarray:
@@ -947,11 +959,12 @@ class SparseSpikeSEG:
         sc["sallist"] = np.zeros(h * w, i64)
         sc["best"] = np.zeros(h * w, f64)
         sc["bestmark"] = np.full(h * w, -1, i64)
+        sc["lit"] = np.zeros(h * w, i64)
         return SparseState(grid=g, v=v, last=last, fired=fired, scratch=sc)
 
     # ------------------------------------------------------------------ step
     def step(
-        self, x: Any, state: SparseState | None, events: np.ndarray | None = None
+        self, x: Any, state: SparseState | None, events: np.ndarray | None = None, decode: bool = True
     ) -> tuple[SparseOutput, SparseState]:
         """One time step.
 
@@ -960,7 +973,8 @@ class SparseSpikeSEG:
         sensor size taken from ``state``) is given instead; events and frame give identical
         results when the frame was binned from those events.  ``state=None`` starts fresh
         (a frame is then required for the size).  Returns (output, state) with ``state``
-        updated in place.
+        updated in place.  ``decode=False`` leaves the mask empty: call :meth:`decode_mask`
+        (e.g. on one thread while :meth:`spike_supports` runs on another).
         """
         sc: dict[str, np.ndarray]
         if x is not None:
@@ -1016,17 +1030,16 @@ class SparseSpikeSEG:
         state.n_p1 = int(np1)
         mask = np.zeros((g.h, g.w), np.uint8)
         state.t = t + 1
-        out = SparseOutput(
+        n_lit = self._decode_mask(s3, mask, state) if n3 and decode else 0
+        return SparseOutput(
             s1=sc["spk1"][:n1].copy(), s2=sc["spk2"][:n2].copy(), s3=s3,
             p1=np.stack([sc["ppos1"][:np1], sc["pch1"][:np1], sc["poffo1"][:np1]], axis=1),
             p2=np.stack([sc["ppos2"][:np2], sc["pch2"][:np2], sc["poffo2"][:np2]], axis=1),
             mask=mask,
             layer_spikes={"conv1": int(n1), "pool1": int(np1), "conv2": int(n2), "pool2": int(np2), "conv3": int(n3)},
             t=t,
-        )
-        if n3:
-            self._decode_mask(out, state)
-        return out, state
+            lit=sc["lit"][:n_lit].copy(),
+        ), state
 
     # ------------------------------------------------------------------ decoder
     def _next_stamp(self, state: SparseState) -> int:
@@ -1061,8 +1074,23 @@ class SparseSpikeSEG:
         sc["sal"][pix] = 0.0
         return pix, vals, sc["d2pos"][:nd].copy()
 
+    def decode_mask(self, out: SparseOutput, state: SparseState) -> SparseOutput:
+        """``out`` of ``step(..., decode=False)`` with its mask (and ``lit``) decoded; same step, once.
+
+        The mask is written into ``out.mask`` (all zeros after ``decode=False``)."""
+        n_lit = self._decode_mask(out.s3, out.mask, state) if len(out.s3) else 0
+        return out._replace(lit=state.scratch["lit"][:n_lit].copy())
+
+    def decode_scratch(self, state: SparseState) -> dict[str, np.ndarray]:
+        """Private decoder buffers for :meth:`spike_supports` on another thread (same state)."""
+        sc = state.scratch
+        keys = ("d3", "d3mark", "d3list", "d2", "d2mark", "d2list", "d2pos", "sal", "salmark", "sallist")
+        own = {k: np.full_like(sc[k], -1) if k.endswith("mark") else np.zeros_like(sc[k]) for k in keys}
+        own["stamp"] = np.zeros(1, np.int64)  # stamps are compared with this scratch's marks only
+        return own
+
     def spike_supports(
-        self, state: SparseState, spikes: np.ndarray
+        self, state: SparseState, spikes: np.ndarray, scratch: dict[str, np.ndarray] | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-spike decoded supports for the step just run (HULK: one-hot S3 per spike).
 
@@ -1071,40 +1099,53 @@ class SparseSpikeSEG:
         instance b is ``pixels[offsets[b]:offsets[b + 1]]``, the pixels whose saliency from
         that spike alone exceeds ``decoder_threshold + decoder_eps``.  One compiled call
         for all spikes; cost ~ one small decode per spike, not B dense decoders.
+        ``scratch``: buffers from :meth:`decode_scratch`, so that this call may run on
+        another thread concurrently with :meth:`decode_mask` or another ``spike_supports``
+        with its own scratch (the step's pooling lists are only read); None = the state's.
         """
         g = state.grid
         sc = state.scratch
+        own = sc if scratch is None else scratch
         p = self.params
         spk = np.ascontiguousarray(spikes, dtype=np.int64)
         b = len(spk)
         offsets = np.zeros(b + 1, np.int64)
         bboxes = np.full((b, 4), -1, np.int64)
         # a spike's support is at most its receptive field: 7x7 at H/4 -> about 42 x 42 pixels
-        pixels = np.empty(max(1, b * 44 * 44), np.int64)  # empty: only [:total] is written and read
-        stamp0 = state.stamp
-        state.stamp += b + 1
+        need = max(1, b * 44 * 44)
+        pixels = own.get("pixels")
+        if pixels is None or len(pixels) < need:  # kept: a fresh 1 MB buffer per step cost ~20 us
+            pixels = own["pixels"] = np.empty(need, np.int64)  # only [:total] is written and read
+        if scratch is None:
+            stamp0 = state.stamp
+            state.stamp += b + 1
+        else:
+            stamp0 = int(own["stamp"][0])
+            own["stamp"][0] = stamp0 + b + 1
         total = _decode_batch(
             spk, self.n_classes, float(p.decoder_threshold) + float(p.decoder_eps),
             self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,
             sc["head2"], sc["hmark2"], sc["next2"], sc["ppos2"], sc["pch2"], sc["poffo2"], state.n_p2,
             sc["head1"], sc["hmark1"], sc["next1"], sc["pch1"], sc["poffo1"],
             state.t - 1, p.decoder_gate, stamp0,
-            sc["d3"], sc["d3mark"], sc["d3list"], sc["d2"], sc["d2mark"], sc["d2list"], sc["d2pos"],
-            sc["sal"], sc["salmark"], sc["sallist"], offsets, pixels, bboxes,
+            own["d3"], own["d3mark"], own["d3list"], own["d2"], own["d2mark"], own["d2list"], own["d2pos"],
+            own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes,
         )
         return offsets, pixels[:total].copy(), bboxes
 
-    def _decode_mask(self, out: SparseOutput, state: SparseState) -> None:
+    def _decode_mask(self, s3: np.ndarray, mask: np.ndarray, state: SparseState) -> int:
+        """Write the step's raw mask into ``mask``; returns the number of lit pixels (listed in ``scratch['lit']``)."""
         g = state.grid
         sc = state.scratch
         p = self.params
         cut = float(p.decoder_threshold) + float(p.decoder_eps)
         stamp0 = self._next_stamp(state)
         n_cls = self.n_classes
-        flat = out.mask.reshape(-1)
+        flat = mask.reshape(-1)
         t = state.t - 1
+        n_lit = 0
         for k in range(n_cls):
-            sel = out.s3[out.s3 % n_cls == k] // n_cls
+            sel = s3[s3 % n_cls == k] // n_cls
             if len(sel) == 0:
                 continue
             stamp = self._next_stamp(state)
@@ -1115,7 +1156,8 @@ class SparseSpikeSEG:
                     sc["ppos1"], state.n_p1, sc["head1"], sc["next1"], sc["pch1"], sc["poffo1"],
                     t, stamp, sc["d3mark"], sc["d3"], sc["d3stamp"], sc["sal"], sc["salmark"], sc["sallist"],
                 )
-                _mask_into(flat, sc["best"], sc["bestmark"], stamp0, k, sc["sal"], sc["sallist"], ns, cut)
+                n_lit = _mask_into(flat, sc["best"], sc["bestmark"], stamp0, k, sc["sal"], sc["sallist"], ns, cut,
+                                   sc["lit"], n_lit)
                 continue
             _nd, ns = _decode(
                 sel, len(sel), k, self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,
@@ -1125,7 +1167,9 @@ class SparseSpikeSEG:
                 sc["d3"], sc["d3mark"], sc["d3list"], sc["d2"], sc["d2mark"], sc["d2list"], sc["d2pos"],
                 sc["sal"], sc["salmark"], sc["sallist"],
             )
-            _mask_into(flat, sc["best"], sc["bestmark"], stamp0, k, sc["sal"], sc["sallist"], ns, cut)
+            n_lit = _mask_into(flat, sc["best"], sc["bestmark"], stamp0, k, sc["sal"], sc["sallist"], ns, cut,
+                               sc["lit"], n_lit)
+        return n_lit
 
     # ------------------------------------------------------------------ dense views (tests, fallback)
     def membranes(self, state: SparseState) -> list[np.ndarray]:

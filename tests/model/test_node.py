@@ -163,6 +163,45 @@ def test_sparse_path_gives_the_dense_masks_spikes_and_instances() -> None:
     assert any(r.instances for r in a)
 
 
+def test_decode_threads_give_the_same_masks_and_instances() -> None:
+    """The sparse path's decode split over helper threads == one thread == the dense path."""
+    steps = _steps(14)
+    nodes = [_node(path="dense")] + [_node(path="sparse", decode_threads=n) for n in (1, 2, 3)]
+    try:
+        res = [n.process_batch(steps) for n in nodes]
+        assert nodes[2]._side is not None and nodes[2]._side.n == 2
+    finally:
+        for n in nodes:
+            n.close()
+    # the split needs >= 2 spikes per thread: the bar makes that many on most steps
+    assert sum(r.layer_spikes["conv3"] >= 6 for r in res[0]) >= 5
+    for r in res[1:]:
+        assert _summary(r) == _summary(res[0])
+        assert [x.instances for x in r] == [x.instances for x in res[0]]
+    assert any(x.instances for x in res[0])
+
+
+def test_side_threads_run_jobs_in_order_and_raise_helper_errors() -> None:
+    from model.side import SideThreads
+
+    side = SideThreads(3)
+    try:
+        assert side.run([lambda k=k: k * k for k in range(7)]) == [k * k for k in range(7)]
+
+        def boom() -> int:
+            raise ValueError("helper failed")
+
+        with pytest.raises(ValueError, match="helper failed"):
+            side.run([lambda: 1, boom, lambda: 3])
+        assert side.run([lambda: "still works", lambda: 2]) == ["still works", 2]
+    finally:
+        side.close()
+    assert side.run([lambda: 1, lambda: 2]) == [1, 2]  # restarts after close
+    side.close()
+    with pytest.raises(ValueError, match="threads=0 is not allowed"):
+        SideThreads(0)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_requested_without_cuda_is_a_node_error() -> None:
     node = build_model_node(_config(), SIZE, 2, "cuda")

@@ -76,6 +76,8 @@ class InstanceState:
     written: np.ndarray  # (ash_window, h2 * w2) int64: positions set in each slot (to clear it cheaply)
     n_written: np.ndarray  # (ash_window,) int64: how many of ``written[slot]`` are valid
     slot: int = -1  # slot of the newest step
+    qmark: np.ndarray | None = None  # (h2 * w2,) int64 scratch of _ash: last instance stamp per Conv2 position
+    qstamp: int = 0
     tracks: list[tuple[int, int, tuple[int, int, int, int]]] = field(default_factory=list)
     next_id: int = 1
     skipped_spikes: int = 0  # spikes beyond max_spikes in the last step
@@ -86,7 +88,8 @@ def fresh_instance_state(height: int, width: int, params: InstanceParams) -> Ins
     h2, w2 = height // 2, width // 2
     hist = np.zeros((params.ash_window, h2 * w2), np.uint64)
     written = np.zeros((params.ash_window, h2 * w2), np.int64)
-    return InstanceState(h2, w2, hist, written, np.zeros(params.ash_window, np.int64))
+    return InstanceState(h2, w2, hist, written, np.zeros(params.ash_window, np.int64),
+                         qmark=np.full(h2 * w2, -1, np.int64))
 
 
 def record_conv2(state: InstanceState, s2: np.ndarray) -> None:
@@ -101,7 +104,7 @@ def record_conv2(state: InstanceState, s2: np.ndarray) -> None:
     state.slot = slot
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _record(row: np.ndarray, written: np.ndarray, n_old: int, s2: np.ndarray) -> int:
     """Clear ``row`` at its ``n_old`` written positions, then OR in bit ``f`` at ``pos`` for each
     spike ``pos * 36 + f``; returns the number of distinct positions now listed in ``written``.
@@ -121,20 +124,32 @@ def _record(row: np.ndarray, written: np.ndarray, n_old: int, s2: np.ndarray) ->
     return n
 
 
-@njit(cache=True)
-def _ash(offsets: np.ndarray, pixels: np.ndarray, w: int, h2: int, w2: int, hist: np.ndarray, newest: int) -> np.ndarray:
-    """ASH matrices (B, window) uint64: bit f of ``[b, tau]`` = feature f spiked ``tau`` steps ago in b's support."""
+@njit(cache=True, nogil=True)
+def _ash(
+    offsets: np.ndarray, pixels: np.ndarray, w: int, h2: int, w2: int, hist: np.ndarray, newest: int,
+    qmark: np.ndarray, stamp0: int,
+) -> np.ndarray:
+    """ASH matrices (B, window) uint64: bit f of ``[b, tau]`` = feature f spiked ``tau`` steps ago in b's support.
+
+    A support's ~4 pixels per Conv2 cell read the history once (``qmark[q] == stamp0 + b``
+    marks cell q done for instance b; stamps ``stamp0 .. stamp0 + B - 1`` must be new).
+    """
     n_slots = hist.shape[0]
     b_n = offsets.shape[0] - 1
     out = np.zeros((b_n, n_slots), np.uint64)
     for b in range(b_n):
+        st = stamp0 + b
         for j in range(offsets[b], offsets[b + 1]):
             o = pixels[j]
-            y = (o // w) >> 1
-            x = (o - (o // w) * w) >> 1
+            yy = o // w
+            y = yy >> 1
+            x = (o - yy * w) >> 1
             if y >= h2 or x >= w2:
                 continue
             q = y * w2 + x
+            if qmark[q] == st:
+                continue
+            qmark[q] = st
             for tau in range(n_slots):
                 out[b, tau] |= hist[(newest - tau) % n_slots, q]
     return out
@@ -158,7 +173,7 @@ def bbox_iou(a: tuple[int, int, int, int] | np.ndarray, b: tuple[int, int, int, 
     return float(inter) / float(union) if union > 0 else 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _popcount(v: np.uint64) -> int:
     """Set bits of a uint64 (SWAR; numba has no popcount intrinsic for numpy ints)."""
     v = v - ((v >> np.uint64(1)) & np.uint64(0x5555555555555555))
@@ -167,7 +182,7 @@ def _popcount(v: np.uint64) -> int:
     return int((v * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pairwise(ash: np.ndarray, bboxes: np.ndarray) -> np.ndarray:
     """SMASH matrix (B, B) = Jaccard(ASH) x IoU(bbox), compiled (the numpy version built
     B x B x window temporaries: ~0.5 ms per step at 50 spikes)."""
@@ -192,7 +207,7 @@ def _pairwise(ash: np.ndarray, bboxes: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _components(adj: np.ndarray) -> np.ndarray:
     """Connected-component label per node (union-find), labels in order of first node.
 
@@ -251,23 +266,56 @@ def group_instances(
 
     Instances with an empty support are ignored.  Only same-class instances join.
     """
-    keep = np.nonzero(offsets[1:] > offsets[:-1])[0]
-    if len(keep) == 0:
-        return []
-    sm = _pairwise(np.ascontiguousarray(ash[keep]), np.ascontiguousarray(bboxes[keep]).astype(np.int64))
-    same = classes[keep][:, None] == classes[keep][None, :]
-    labels = _components((sm >= tau) & same)
-    n_g = int(labels.max()) + 1
-    stats = _group_stats(offsets, pixels, np.ascontiguousarray(bboxes).astype(np.int64), keep.astype(np.int64),
-                         labels, n_g, width)
+    g = _group_all(offsets, pixels, np.ascontiguousarray(bboxes).astype(np.int64),
+                   np.ascontiguousarray(classes).astype(np.int64), np.ascontiguousarray(ash), width, float(tau))
+    return [(int(r[0]), (int(r[1]), int(r[2]), int(r[3]), int(r[4])), int(r[5])) for r in g.tolist()]
+
+
+@njit(cache=True, nogil=True)
+def _group_all(
+    offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, classes: np.ndarray, ash: np.ndarray,
+    width: int, tau: float,
+) -> np.ndarray:
+    """(n_objects, 6) int64 rows ``cls, x0, y0, x1, y1, area``: the whole grouping compiled
+    (the numpy glue around the kernels cost ~0.1 ms per step)."""
+    b_n = offsets.shape[0] - 1
+    n_keep = 0
+    keep = np.empty(b_n, np.int64)
+    for b in range(b_n):
+        if offsets[b + 1] > offsets[b]:
+            keep[n_keep] = b
+            n_keep += 1
+    if n_keep == 0:
+        return np.zeros((0, 6), np.int64)
+    keep = keep[:n_keep]
+    ash_k = np.empty((n_keep, ash.shape[1]), np.uint64)
+    bb_k = np.empty((n_keep, 4), np.int64)
+    for i in range(n_keep):
+        ash_k[i] = ash[keep[i]]
+        bb_k[i] = bboxes[keep[i]]
+    sm = _pairwise(ash_k, bb_k)
+    adj = np.zeros((n_keep, n_keep), np.bool_)
+    for i in range(n_keep):
+        for j in range(n_keep):
+            adj[i, j] = sm[i, j] >= tau and classes[keep[i]] == classes[keep[j]]
+    labels = _components(adj)
+    n_g = 0
+    for i in range(n_keep):
+        n_g = max(n_g, labels[i] + 1)
+    stats = _group_stats(offsets, pixels, bboxes, keep, labels, n_g, width)
+    out = np.empty((n_g, 6), np.int64)
     first = np.full(n_g, -1, np.int64)
-    for i in range(len(keep) - 1, -1, -1):
-        first[labels[i]] = keep[i]
-    return [(int(classes[first[g]]), (int(stats[g, 0]), int(stats[g, 1]), int(stats[g, 2]), int(stats[g, 3])),
-             int(stats[g, 4])) for g in range(n_g)]
+    for i in range(n_keep):
+        if first[labels[i]] < 0:
+            first[labels[i]] = keep[i]
+    for g in range(n_g):
+        out[g, 0] = classes[first[g]]
+        for c in range(5):
+            out[g, 1 + c] = stats[g, c]
+    return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _group_stats(
     offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, keep: np.ndarray, labels: np.ndarray,
     n_g: int, width: int,
@@ -315,30 +363,64 @@ def _group_stats(
 def track(
     objs: list[tuple[int, tuple[int, int, int, int], int]], state: InstanceState, track_iou: float
 ) -> list[Instance]:
-    """Give objects stable ids by greedy bbox-IoU matching with the previous step (mutates ``state``)."""
-    pairs = []
-    for i, (cls, bb, _a) in enumerate(objs):
-        for j, (_tid, tcls, tbb) in enumerate(state.tracks):
-            if cls == tcls:
-                iou = bbox_iou(bb, tbb)
-                if iou >= track_iou:
-                    pairs.append((-iou, i, j))
-    pairs.sort()
-    ids: dict[int, int] = {}
-    used: set[int] = set()
-    for _neg, i, j in pairs:
-        if i in ids or j in used:
-            continue
-        ids[i] = state.tracks[j][0]
-        used.add(j)
+    """Give objects stable ids by greedy bbox-IoU matching with the previous step (mutates ``state``).
+
+    Pairs (object, track) of the same class with IoU >= ``track_iou`` are taken best first
+    (ties: lower object index, then lower track index); each object and track once.
+    """
+    n_o, n_t = len(objs), len(state.tracks)
+    match = np.full(n_o, -1, np.int64)
+    if n_o and n_t:
+        ob = np.array([[c, *bb] for c, bb, _a in objs], np.int64)
+        tb = np.array([[c, *bb] for _i, c, bb in state.tracks], np.int64)
+        match = _match(ob, tb, float(track_iou))
     out = []
     for i, (cls, bb, area) in enumerate(objs):
-        if i not in ids:
-            ids[i] = state.next_id
+        if match[i] >= 0:
+            oid = state.tracks[int(match[i])][0]
+        else:
+            oid = state.next_id
             state.next_id += 1
-        out.append(Instance(id=ids[i], cls=cls, bbox=bb, area=area))
+        out.append(Instance(id=oid, cls=cls, bbox=bb, area=area))
     state.tracks = [(inst.id, inst.cls, inst.bbox) for inst in out]
     return out
+
+
+@njit(cache=True, nogil=True)
+def _match(ob: np.ndarray, tb: np.ndarray, thr: float) -> np.ndarray:
+    """Greedy matching of :func:`track`: rows ``cls, x0, y0, x1, y1``; the track index per object or -1."""
+    n_o, n_t = ob.shape[0], tb.shape[0]
+    ious = np.empty(n_o * n_t)
+    pi = np.empty(n_o * n_t, np.int64)
+    pj = np.empty(n_o * n_t, np.int64)
+    n = 0
+    for i in range(n_o):
+        for j in range(n_t):
+            if ob[i, 0] != tb[j, 0]:
+                continue
+            iw = min(ob[i, 3], tb[j, 3]) - max(ob[i, 1], tb[j, 1]) + 1
+            ih = min(ob[i, 4], tb[j, 4]) - max(ob[i, 2], tb[j, 2]) + 1
+            inter = max(iw, 0) * max(ih, 0)
+            ua = (ob[i, 3] - ob[i, 1] + 1) * (ob[i, 4] - ob[i, 2] + 1)
+            ub = (tb[j, 3] - tb[j, 1] + 1) * (tb[j, 4] - tb[j, 2] + 1)
+            union = ua + ub - inter
+            v = inter / union if union > 0 else 0.0
+            if v >= thr:
+                ious[n] = -v
+                pi[n] = i
+                pj[n] = j
+                n += 1
+    order = np.argsort(ious[:n], kind="mergesort")  # stable: ties keep (i, j) order
+    match = np.full(n_o, -1, np.int64)
+    used = np.zeros(n_t, np.bool_)
+    for k in range(n):
+        i = pi[order[k]]
+        j = pj[order[k]]
+        if match[i] >= 0 or used[j]:
+            continue
+        match[i] = j
+        used[j] = True
+    return match
 
 
 def instances_step(
@@ -357,7 +439,10 @@ def instances_step(
     if len(classes) == 0:
         state.tracks = []
         return [], state
-    ash = _ash(offsets, pixels, width, state.h2, state.w2, state.hist, state.slot)
+    if state.qmark is None:
+        state.qmark = np.full(state.h2 * state.w2, -1, np.int64)
+    ash = _ash(offsets, pixels, width, state.h2, state.w2, state.hist, state.slot, state.qmark, state.qstamp)
+    state.qstamp += len(offsets)
     objs = group_instances(offsets, pixels, bboxes, classes, ash, width, params.smash_tau)
     return track(objs, state, params.track_iou), state
 

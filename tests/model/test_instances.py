@@ -105,8 +105,9 @@ def test_ash_uses_conv2_history_in_support() -> None:
     assert len(objs) == 1 and objs[0].area == 4
     from model.instances import _ash
 
-    ash = _ash(supports[0], supports[1], W, st.h2, st.w2, st.hist, st.slot)
+    ash = _ash(supports[0], supports[1], W, st.h2, st.w2, st.hist, st.slot, np.full(st.h2 * st.w2, -1, np.int64), 0)
     assert ash[0, 0] == np.uint64(1 << 5) and ash[0, 1] == 0
+    assert ash[1, 0] == np.uint64(1 << 5)  # the second instance reads the same cell again (its own stamp)
 
 
 def _model_and_steps(n_steps: int, gap: int = 60):

@@ -204,7 +204,41 @@ def _layer(
                     cur[base + co] += v * wt[ci, ky, kx, co]
     zero = np.float32(0.0)
     ns = 0
-    for j in range(nt):
+    # fast path (subtractive leak, closed-form replay exact for every membrane, no fire-once):
+    # the channel loop is branch-free so it vectorises; spikes are collected afterwards only
+    # where one fired.  Membranes after an update are < theta (or reset), so closed form is
+    # exact for all of them when exact_below >= max(theta).  Same float ops as the loop below.
+    th_max = zero
+    for co in range(co_n):
+        th_max = max(th_max, theta[co])
+    fast = mode == 0 and not fire_once and (lam == 0 or exact_below >= th_max)
+    fire = np.zeros(co_n, np.bool_)
+    lam64 = np.float64(lam)
+    for j in range(nt if fast else 0):
+        o = touched[j]
+        k = t - 1 - last[o]
+        last[o] = t
+        base = o * co_n
+        kl = np.float64(max(k, 0)) * lam64
+        n_fire = 0
+        for co in range(co_n):
+            e = base + co
+            r = np.float64(v_mem[e]) - kl
+            v32 = np.float32(r) if r > 0.0 else zero
+            i32 = np.float32(cur[e])
+            cur[e] = 0.0
+            v32 = (v32 + i32) - lam
+            v32 = v32 if v32 > zero else zero
+            f = v32 >= theta[co]
+            fire[co] = f
+            n_fire += f
+            v_mem[e] = zero if f else v32
+        if n_fire:
+            for co in range(co_n):
+                if fire[co]:
+                    spikes[ns] = base + co
+                    ns += 1
+    for j in range(0 if fast else nt):
         o = touched[j]
         k = t - 1 - last[o]
         last[o] = t

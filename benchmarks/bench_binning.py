@@ -7,9 +7,13 @@ Two figures per case:
   memory at every size).  This is the figure the 50 Mev/s target is checked against.
 * ``Binner``: :class:`stream.binner.Binner` fed 1 ms packets of a stream at 10 Mev/s of
   sensor time (a busy HD sensor), so each packet closes one bin: cleaning, splitting,
-  zeroing a fresh frame per bin and building the :class:`Step` are all included.  At
+  zeroing the frame of every bin and building the :class:`Step` are all included.  At
   1280x720 zeroing the 7.4 MB frame of every 1 ms bin costs about as much as counting
-  10,000 events, which this row makes visible.
+  10,000 events, which this row makes visible.  Since 2026-11-25 the Binner recycles a
+  frame once nothing references it (``Binner._frame_buffer``); the steps here are
+  dropped at once, as by a model that keeps up, so the row measures recycled frames
+  (cleared, not page-faulted) -- what the engine gets when the model keeps up.  Rows
+  from before that date measured a fresh frame per bin.
 """
 from __future__ import annotations
 

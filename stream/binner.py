@@ -95,6 +95,13 @@ def _bin_numpy(events: np.ndarray, t0: int, bin_us: int, nbins: int, c: int, h: 
     return out
 
 
+#: Tiled binning (see _bin_tiled_kernel): outputs of at least this size, with at most this
+#: many events per 64-byte line (16 float32) on average; tiles of 2 MB = 2**19 float32.
+_TILED_MIN_BYTES = 32 * 1024 * 1024
+_TILED_MAX_EVENTS_PER_LINE = 2
+_TILE_BYTES = 2 * 1024 * 1024
+_TILE_SHIFT = 19
+
 if _HAVE_NUMBA:
 
     @numba.njit(cache=True, nogil=True)
@@ -121,6 +128,55 @@ if _HAVE_NUMBA:
             ch = np.int64(ps[i]) if c == 2 else 0
             flat[(k * c + ch) * hw + np.int64(ys[i]) * w + np.int64(xs[i])] += 1.0
 
+    @numba.njit(cache=True, nogil=True)
+    def _bin_tiled_kernel(ts, xs, ys, ps, t0, bin_us, out, c, first, shift):  # pragma: no cover - compiled
+        # The same counts as _bin_kernel, for outputs far larger than the cache with about
+        # one event per cache line (1 M events at 1280x720 in 10 bins: 74 MB, 0.9 events
+        # per line).  There each event's read-modify-write misses the cache, and each
+        # fresh 2 MB page is cleared by the kernel on first touch.  So: counting-sort the
+        # flat indices by tile (a tile = one 2 MB page: element i + first >> shift), then
+        # per tile fault the page in (one store per 4 KB, values already 0) and do its
+        # increments while it is in cache.  Measured 37-39 -> 50-51 Mev/s (1 M @ HD);
+        # slower when events are dense per line (10 M @ HD: 97 -> 77), hence the
+        # dispatch in bin_events.
+        _, _, h, w = out.shape
+        flat = out.reshape(-1)
+        n = ts.shape[0]
+        hw = h * w
+        ntiles = ((flat.size + first) >> shift) + 1
+        start = np.zeros(ntiles + 1, np.int64)
+        idx = np.empty(n, np.int32)  # the caller checks flat.size < 2**31
+        k = 0
+        lo = t0
+        hi = t0 + bin_us
+        for i in range(n):
+            t = ts[i]
+            if t >= hi or t < lo:
+                k = (t - t0) // bin_us
+                lo = t0 + k * bin_us
+                hi = lo + bin_us
+            ch = np.int64(ps[i]) if c == 2 else 0
+            o = (k * c + ch) * hw + np.int64(ys[i]) * w + np.int64(xs[i])
+            idx[i] = o
+            start[((o + first) >> shift) + 1] += 1
+        for b in range(ntiles):
+            start[b + 1] += start[b]
+        fill = start[:-1].copy()
+        by_tile = np.empty(n, np.int32)
+        for i in range(n):
+            b = (idx[i] + first) >> shift
+            by_tile[fill[b]] = idx[i]
+            fill[b] += 1
+        for b in range(ntiles):
+            a0 = start[b]
+            a1 = start[b + 1]
+            if a1 == a0:
+                continue
+            for j in range(max((b << shift) - first, 0), min(((b + 1) << shift) - first, flat.size), 1024):
+                flat[j] = 0.0
+            for j in range(a0, a1):
+                flat[by_tile[j]] += 1.0
+
     def bin_events(events: np.ndarray, t0: int, bin_us: int, nbins: int, c: int, h: int, w: int, out: np.ndarray | None = None) -> np.ndarray:
         """Count image (nbins, c, h, w) float32 of events already validated to lie in range.
 
@@ -128,7 +184,12 @@ if _HAVE_NUMBA:
         this way); by default a new zeroed array.
         """
         out = _out_buffer(out, nbins, c, h, w)
-        if len(events):
+        n = len(events)
+        if n and out.nbytes >= _TILED_MIN_BYTES and n * 16 <= _TILED_MAX_EVENTS_PER_LINE * out.size and out.size < 2**31:
+            first = (out.ctypes.data % _TILE_BYTES) // 4  # tiles aligned to 2 MB pages
+            _bin_tiled_kernel(events["timestamp"], events["x"], events["y"], events["polarity"], np.int64(t0), np.int64(bin_us),
+                              out, c, np.int64(first), np.int64(_TILE_SHIFT))
+        elif n:
             _bin_kernel(events["timestamp"], events["x"], events["y"], events["polarity"], np.int64(t0), np.int64(bin_us), out, c)
         return out
 

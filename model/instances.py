@@ -72,7 +72,7 @@ class InstanceState:
 
     h2: int
     w2: int
-    hist: np.ndarray  # (ash_window, h2 * w2) uint64
+    hist: np.ndarray  # (h2 * w2, ash_window) uint64: position-major, a cell's window is one cache line or two
     written: np.ndarray  # (ash_window, h2 * w2) int64: positions set in each slot (to clear it cheaply)
     n_written: np.ndarray  # (ash_window,) int64: how many of ``written[slot]`` are valid
     slot: int = -1  # slot of the newest step
@@ -86,7 +86,7 @@ class InstanceState:
 def fresh_instance_state(height: int, width: int, params: InstanceParams) -> InstanceState:
     """Empty history for an ``height`` x ``width`` sensor (Conv2 grid H/2 x W/2)."""
     h2, w2 = height // 2, width // 2
-    hist = np.zeros((params.ash_window, h2 * w2), np.uint64)
+    hist = np.zeros((h2 * w2, params.ash_window), np.uint64)
     written = np.zeros((params.ash_window, h2 * w2), np.int64)
     return InstanceState(h2, w2, hist, written, np.zeros(params.ash_window, np.int64),
                          qmark=np.full(h2 * w2, -1, np.int64))
@@ -97,30 +97,31 @@ def record_conv2(state: InstanceState, s2: np.ndarray) -> None:
 
     Mutates ``state`` (its ring buffer): the oldest slot is cleared and overwritten.
     """
-    n = state.hist.shape[0]
+    n = state.hist.shape[1]
     slot = (state.slot + 1) % n
     s2 = np.ascontiguousarray(s2, dtype=np.int64)
-    state.n_written[slot] = _record(state.hist[slot], state.written[slot], int(state.n_written[slot]), s2)
+    state.n_written[slot] = _record(state.hist, slot, state.written[slot], int(state.n_written[slot]), s2)
     state.slot = slot
 
 
 @njit(cache=True, nogil=True)
-def _record(row: np.ndarray, written: np.ndarray, n_old: int, s2: np.ndarray) -> int:
-    """Clear ``row`` at its ``n_old`` written positions, then OR in bit ``f`` at ``pos`` for each
-    spike ``pos * 36 + f``; returns the number of distinct positions now listed in ``written``.
+def _record(hist: np.ndarray, slot: int, written: np.ndarray, n_old: int, s2: np.ndarray) -> int:
+    """Clear column ``slot`` of ``hist`` at its ``n_old`` written positions, then OR in bit ``f``
+    at ``pos`` for each spike ``pos * 36 + f``; returns the number of distinct positions now
+    listed in ``written``.
 
     Compiled: ``np.bitwise_or.at`` + ``np.unique`` cost ~0.2 ms per step at 4,000 Conv2 spikes.
     """
     for j in range(n_old):
-        row[written[j]] = 0
+        hist[written[j], slot] = 0
     n = 0
     for i in range(s2.shape[0]):
         pos = s2[i] // N_FEATURES
         bit = np.uint64(1) << np.uint64(s2[i] - pos * N_FEATURES)
-        if row[pos] == 0:  # every spike sets a bit, so 0 means "not listed yet"
+        if hist[pos, slot] == 0:  # every spike sets a bit, so 0 means "not listed yet"
             written[n] = pos
             n += 1
-        row[pos] |= bit
+        hist[pos, slot] |= bit
     return n
 
 
@@ -134,7 +135,7 @@ def _ash(
     A support's ~4 pixels per Conv2 cell read the history once (``qmark[q] == stamp0 + b``
     marks cell q done for instance b; stamps ``stamp0 .. stamp0 + B - 1`` must be new).
     """
-    n_slots = hist.shape[0]
+    n_slots = hist.shape[1]
     b_n = offsets.shape[0] - 1
     out = np.zeros((b_n, n_slots), np.uint64)
     for b in range(b_n):
@@ -151,7 +152,7 @@ def _ash(
                 continue
             qmark[q] = st
             for tau in range(n_slots):
-                out[b, tau] |= hist[(newest - tau) % n_slots, q]
+                out[b, tau] |= hist[q, (newest - tau) % n_slots]
     return out
 
 
@@ -185,22 +186,29 @@ def _popcount(v: np.uint64) -> int:
 @njit(cache=True, nogil=True)
 def _pairwise(ash: np.ndarray, bboxes: np.ndarray) -> np.ndarray:
     """SMASH matrix (B, B) = Jaccard(ASH) x IoU(bbox), compiled (the numpy version built
-    B x B x window temporaries: ~0.5 ms per step at 50 spikes)."""
+    B x B x window temporaries: ~0.5 ms per step at 50 spikes).  The Jaccard term is only
+    computed where the boxes overlap (else SMASH is 0 anyway), with ``|A or B| = |A| + |B| -
+    |A and B|`` from per-instance popcounts."""
     b_n, n_slots = ash.shape
     out = np.zeros((b_n, b_n))
+    cnt = np.zeros(b_n, np.int64)
+    for i in range(b_n):
+        for tau in range(n_slots):
+            cnt[i] += _popcount(ash[i, tau])
     for i in range(b_n):
         for j in range(i, b_n):
-            inter = 0
-            union = 0
-            for tau in range(n_slots):
-                inter += _popcount(ash[i, tau] & ash[j, tau])
-                union += _popcount(ash[i, tau] | ash[j, tau])
-            jac = inter / union if union > 0 else 0.0
             iw = min(bboxes[i, 2], bboxes[j, 2]) - max(bboxes[i, 0], bboxes[j, 0]) + 1
             ih = min(bboxes[i, 3], bboxes[j, 3]) - max(bboxes[i, 1], bboxes[j, 1]) + 1
-            it = max(iw, 0) * max(ih, 0)
+            if iw <= 0 or ih <= 0:
+                continue
+            it = iw * ih
             un = (bboxes[i, 2] - bboxes[i, 0] + 1) * (bboxes[i, 3] - bboxes[i, 1] + 1) + \
                 (bboxes[j, 2] - bboxes[j, 0] + 1) * (bboxes[j, 3] - bboxes[j, 1] + 1) - it
+            inter = 0
+            for tau in range(n_slots):
+                inter += _popcount(ash[i, tau] & ash[j, tau])
+            union = cnt[i] + cnt[j] - inter
+            jac = inter / union if union > 0 else 0.0
             v = jac * (it / un if un > 0 else 0.0)
             out[i, j] = v
             out[j, i] = v

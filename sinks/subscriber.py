@@ -76,6 +76,7 @@ class MaskSubscriber:
         self.last_seq: int | None = None
         self.last_error: str | None = None
         self.reconnects = 0
+        self._reconnect_due = False  # a disconnect was seen; reconnect once the socket is drained
         self._mon: zmq.Socket | None = None
         self._zctx = zmq.Context()
         self._sock = self._zctx.socket(zmq.SUB)
@@ -138,8 +139,15 @@ class MaskSubscriber:
             # poll in slices so Ctrl-C is handled promptly on every platform
             events = dict(self._poller.poll(200 if ms is None else min(ms, 200)))
             if self._mon in events:
-                self._reconnect()
+                self._reconnect_due = True
             if self._sock not in events:
+                if self._reconnect_due:
+                    # Only once nothing is left to read: disconnect() while the dropped
+                    # connection's pipe still holds messages aborts the process inside
+                    # libzmq 4.3.5 ("Assertion failed: !_more (src/fq.cpp:80)"; 8 of 8
+                    # runs when a publisher sent 300 masks and closed).  Messages already
+                    # received are delivered first.
+                    self._reconnect()
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
                 continue
@@ -162,6 +170,7 @@ class MaskSubscriber:
 
     def _reconnect(self) -> None:
         """Drain disconnect events and connect again (see ``__init__``)."""
+        self._reconnect_due = False
         if self._mon is None:
             return
         while self._mon.poll(0):

@@ -211,3 +211,46 @@ def test_cli_bad_arguments() -> None:
 def test_curve_keys_must_come_in_pairs() -> None:
     with pytest.raises(ValueError, match="both"):
         MaskSubscriber("tcp://127.0.0.1:5556", curve_server_key="server.key")
+
+
+_COUNTING_SUBSCRIBER = """
+import sys, time
+from sinks.subscriber import MaskSubscriber
+with MaskSubscriber(sys.argv[1], rcvhwm=100_000) as sub:
+    print("ready", flush=True)
+    n, deadline = 0, time.monotonic() + 30
+    while n < int(sys.argv[2]) and time.monotonic() < deadline:
+        n += sub.recv(timeout=0.05) is not None
+    # keep polling after the publisher is gone: the disconnect must not abort us
+    idle = time.monotonic() + 0.5
+    while time.monotonic() < idle:
+        sub.recv(timeout=0.05)
+print(n, flush=True)
+"""
+
+
+def test_subscriber_survives_a_publisher_that_sends_a_burst_and_closes() -> None:
+    """libzmq 4.3.5 aborted the subscriber process ("Assertion failed: !_more
+    (src/fq.cpp:80)") when it disconnected while the closed connection still held
+    messages; the reconnect now waits until the socket is drained."""
+    n = 300
+    for _ in range(3):
+        zctx = zmq.Context()
+        sock = zctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.bind("tcp://127.0.0.1:*")
+        ep = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        proc = subprocess.Popen([sys.executable, "-c", _COUNTING_SUBSCRIBER, ep, str(n)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert sock.poll(20_000), "no subscription arrived"
+            sock.recv()
+            for i in range(n):
+                sock.send_multipart([b"masks", _good(i)])
+        finally:
+            sock.close()
+            zctx.term()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.strip().splitlines()[-1:]
+        assert out.split()[-1] == str(n)

@@ -235,6 +235,12 @@ def run_live(results: Results, settings: BenchSettings) -> None:
     to_sub = np.array([(recv[k] - closed[k]) / 1e6 for k in recv if k in closed])
     send = summary.stats.get("latency", {}).get("latency.send", {})
     extra = {"steps": len(spy.rows), "received": len(to_sub), "drops": summary.drops}
+    # a live model slower than the bins drops the oldest queued bins (engine.live_queue):
+    # the latency rows are then those of the bins it kept, so the share dropped goes beside them
+    dropped = int(summary.drops.get("model_in", 0))
+    share = 100.0 * dropped / max(1, dropped + len(spy.rows))
+    results.add(Row(sec, "bins dropped (model slower than real time)", Stat(share, share, share, 1), "%",
+                    higher_better=False, extra={"dropped": dropped, "processed": len(spy.rows)}))
     if send.get("n"):
         results.add(Row(sec, "bin close -> zmq send p50", Stat(send["p50_ms"], send["p50_ms"], send["p50_ms"], 1), "ms", higher_better=False, extra=extra))
         results.add(Row(sec, "bin close -> zmq send p99", Stat(send["p99_ms"], send["p99_ms"], send["p99_ms"], 1), "ms", higher_better=False))

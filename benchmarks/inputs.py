@@ -46,7 +46,7 @@ def noise_events(size: SensorSize, density: float, n_steps: int, bin_us: int = 1
         flat = rng.choice(npx, size=k, replace=False)
         t = np.sort(rng.integers(i * bin_us, (i + 1) * bin_us, k, dtype=np.int64))
         parts.append(make_events(t, flat % size.width, flat // size.width, rng.integers(0, 2, k)))
-    return np.concatenate(parts)
+    return np.concatenate(parts, dtype=EVENT_DTYPE)
 
 
 def fallback_scene_events(size: SensorSize, n_steps: int, bin_us: int = 1000, seed: int = 0) -> np.ndarray:
@@ -99,7 +99,7 @@ def fallback_scene_events(size: SensorSize, n_steps: int, bin_us: int = 1000, se
         t = np.sort(rng.integers(i * bin_us, (i + 1) * bin_us, len(x), dtype=np.int64))
         parts.append(make_events(t, x, y, p))
         prev = occ
-    return np.concatenate(parts)
+    return np.concatenate(parts, dtype=EVENT_DTYPE)
 
 
 def scene_events(cfg: Config, size: SensorSize, n_steps: int, bin_us: int = 1000) -> tuple[np.ndarray, str]:
@@ -133,7 +133,7 @@ def scene_events(cfg: Config, size: SensorSize, n_steps: int, bin_us: int = 1000
         src.close()
     if not parts:
         return fallback_scene_events(size, n_steps, bin_us), "fallback moving shapes (synthetic source gave no events)"
-    ev = np.concatenate(parts)
+    ev = np.concatenate(parts, dtype=EVENT_DTYPE)
     ev = ev[ev["timestamp"] < t_first + n_steps * bin_us]
     return ev, "built-in synthetic scene"
 
@@ -194,7 +194,7 @@ def read_aedat4(path: Path, max_us: int, skip_us: int = 0) -> tuple[np.ndarray, 
             break
     if not parts:
         raise ValueError(f"{path} holds no events")
-    ev = np.concatenate(parts)
+    ev = np.concatenate(parts, dtype=EVENT_DTYPE)  # without dtype numpy packs the padded layout (itemsize 13)
     t = ev["timestamp"]
     ev = ev[(t >= t_first + skip_us) & (t < t_first + skip_us + max_us)]
     return ev, size

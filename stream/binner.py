@@ -20,8 +20,10 @@ Rules (the engine issue):
 Channels: ``polarity: split`` gives C = 2 (0 = OFF, 1 = ON); ``merge`` gives C = 1.
 
 The count image is built by one compiled pass over the structured array (numba),
-PERF-NOTES' fastest method (170-200 Mev/s); a pure-numpy fallback exists for
-platforms without numba and is what the tests compare against.
+PERF-NOTES' fastest method (170-200 Mev/s); outputs far larger than the cache with
+about one event per cache line take a tiled pass instead (``_bin_tiled_kernel``).  A
+pure-numpy fallback exists for platforms without numba and is what the tests compare
+against.  The Binner recycles its one-bin frames (``Binner._frame_buffer``).
 """
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ if _HAVE_NUMBA:
         # fresh 2 MB page is cleared by the kernel on first touch.  So: counting-sort the
         # flat indices by tile (a tile = one 2 MB page: element i + first >> shift), then
         # per tile fault the page in (one store per 4 KB, values already 0) and do its
-        # increments while it is in cache.  Measured 37-39 -> 50-51 Mev/s (1 M @ HD);
+        # increments while it is in cache.  Measured 37-39 -> 48-56 Mev/s (1 M @ HD);
         # slower when events are dense per line (10 M @ HD: 97 -> 77), hence the
         # dispatch in bin_events.
         _, _, h, w = out.shape

@@ -53,7 +53,8 @@ from .side import SideThreads
 from .sparse import SparseSpikeSEG
 
 # share of the decoded spikes given to the model thread, which also decodes the joint mask
-# (measured at 346x260 on the built-in scene: the mask costs ~0.6x the supports of 64 spikes)
+# (measured at 346x260 on the built-in scene: the mask costs ~0.6x the supports of 64 spikes;
+# with the threads slowing each other, 0.4 .. 0.6 measured the same within noise)
 _MASK_VS_SUPPORTS = 0.5
 
 __all__ = ["ModelConfig", "ModelNode", "build_model_node"]

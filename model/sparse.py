@@ -125,6 +125,47 @@ def _active_from_events(
     return n
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _replay(v32: np.float32, k: int, mode: int, lam: np.float32, beta: np.float32, exact_below: np.float32) -> np.float32:
+    """Membrane after ``k`` input-free steps, exactly as the dense path computes them step by step."""
+    zero = np.float32(0.0)
+    if mode == 0 and lam > 0 and k > 0 and v32 > zero and v32 < exact_below:
+        # closed form, exact here: lambda is a multiple of ulp(v), so every replayed
+        # subtraction is exact and k of them equal one subtraction of k * lambda
+        r = np.float64(v32) - np.float64(k) * np.float64(lam)
+        return np.float32(r) if r > 0 else zero
+    if mode == 0 and lam > 0:
+        for _ in range(k):
+            if v32 <= zero:
+                break
+            v32 = v32 - lam
+            if v32 < zero:
+                v32 = zero
+    elif mode == 1 and beta < 1:
+        for _ in range(k):
+            if v32 == zero:
+                break
+            v32 = np.float32(np.float64(beta) * np.float64(v32))
+    return v32
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _integrate(v32: np.float32, i32: np.float32, mode: int, lam: np.float32, beta: np.float32) -> np.float32:
+    """This step's update of a (replayed) membrane with current ``i32``, before the threshold."""
+    zero = np.float32(0.0)
+    if mode == 0:
+        v32 = (v32 + i32) - lam
+        if v32 < zero:
+            v32 = zero
+    elif mode == 1:
+        # torch.add(i, v, alpha=beta) is a fused multiply-add on CPU: beta*v is exact
+        # in float64, one more rounding for the sum (double rounding: see module doc)
+        v32 = np.float32(np.float64(i32) + np.float64(beta) * np.float64(v32))
+    else:
+        v32 = v32 + i32
+    return v32
+
+
 @njit(cache=True, nogil=True)
 def _layer(
     src_pos: np.ndarray, src_ch: np.ndarray, src_val: np.ndarray, n_src: int, wi: int,
@@ -245,37 +286,10 @@ def _layer(
         base = o * co_n
         for co in range(co_n):
             e = base + co
-            v32 = v_mem[e]
-            # replay the k input-free steps exactly as the dense path computes them
-            if mode == 0 and lam > 0 and k > 0 and v32 > zero and v32 < exact_below:
-                # closed form, exact here: lambda is a multiple of ulp(v), so every replayed
-                # subtraction is exact and k of them equal one subtraction of k * lambda
-                r = np.float64(v32) - np.float64(k) * np.float64(lam)
-                v32 = np.float32(r) if r > 0 else zero
-            elif mode == 0 and lam > 0:
-                for _ in range(k):
-                    if v32 <= zero:
-                        break
-                    v32 = v32 - lam
-                    if v32 < zero:
-                        v32 = zero
-            elif mode == 1 and beta < 1:
-                for _ in range(k):
-                    if v32 == zero:
-                        break
-                    v32 = np.float32(np.float64(beta) * np.float64(v32))
+            v32 = _replay(v_mem[e], k, mode, lam, beta, exact_below)
             i32 = np.float32(cur[e])
             cur[e] = 0.0
-            if mode == 0:
-                v32 = (v32 + i32) - lam
-                if v32 < zero:
-                    v32 = zero
-            elif mode == 1:
-                # torch.add(i, v, alpha=beta) is a fused multiply-add on CPU: beta*v is exact
-                # in float64, one more rounding for the sum (double rounding: see module doc)
-                v32 = np.float32(np.float64(i32) + np.float64(beta) * np.float64(v32))
-            else:
-                v32 = v32 + i32
+            v32 = _integrate(v32, i32, mode, lam, beta)
             if v32 >= theta[co] and not (fire_once and fired[e] != 0):
                 spikes[ns] = e
                 ns += 1
@@ -283,6 +297,100 @@ def _layer(
                 if fire_once:
                     fired[e] = 1
             v_mem[e] = v32
+    return ns
+
+
+# Conv1 neuron state, one 64-byte record (one cache line) per pixel: the scatter and the update
+# of a touched pixel then miss the cache once, not four times (separate cur / v / last / mark
+# arrays).  Conv1 input is scattered events, so its pixels are touched all over the frame.
+C1_DTYPE = np.dtype([("cur", np.float64, (4,)), ("v", np.float32, (4,)), ("last", np.int64), ("mark", np.int64)],
+                    align=True)
+
+
+@njit(cache=True, nogil=True)
+def _layer_c1(
+    src_pos: np.ndarray, src_ch: np.ndarray, src_val: np.ndarray, n_src: int, wi: int,
+    wt: np.ndarray, ho: int, wo: int, rec: np.ndarray, fired: np.ndarray, touched: np.ndarray, t: int,
+    theta: np.ndarray, mode: int, lam: np.float32, beta: np.float32, exact_below: np.float32,
+    fire_once: bool, spikes: np.ndarray,
+) -> int:
+    """:func:`_layer` for Conv1 (5 x 5, padding 2, four output channels) on :data:`C1_DTYPE` records.
+
+    Same sums (float64, exact on the 2^-12 grid) and the same float32 neuron update
+    (:func:`_replay`, :func:`_integrate`); spikes are flat channels-last ``o * 4 + c``.
+    """
+    nt = 0
+    for s in range(n_src):
+        p = src_pos[s]
+        y = p // wi
+        x = p - y * wi
+        ci = src_ch[s]
+        v = np.float64(src_val[s])
+        for ky in range(5):
+            oy = y - ky + 2
+            if oy < 0 or oy >= ho:
+                continue
+            for kx in range(5):
+                ox = x - kx + 2
+                if ox < 0 or ox >= wo:
+                    continue
+                o = oy * wo + ox
+                r = rec[o]
+                if r.mark != t:
+                    r.mark = t
+                    touched[nt] = o
+                    nt += 1
+                for co in range(4):
+                    r.cur[co] += v * wt[ci, ky, kx, co]
+    zero = np.float32(0.0)
+    ns = 0
+    # Subtractive leak without fire-once: a membrane is < theta after every update, and each
+    # replayed step subtracts lambda (to within an ulp), so after cap = ceil(theta_max /
+    # lambda) + 1 steps it is 0 and stays 0.  Replaying min(k, cap) steps of max(v - lambda, 0)
+    # on the four channels at once, without the per-channel early exit, is the same float32
+    # sequence with no data-dependent branches (lambda 1.6 is not exact in closed form).
+    th_max = zero
+    for co in range(4):
+        th_max = max(th_max, theta[co])
+    capped = mode == 0 and lam > 0 and not fire_once
+    cap = int(math.ceil(np.float64(th_max) / (np.float64(lam) * (1.0 - 1e-6)))) + 1 if capped else 0
+    for j in range(nt):
+        o = touched[j]
+        r = rec[o]
+        k = t - 1 - r.last
+        r.last = t
+        if capped and k > 0:
+            a0 = r.v[0]
+            a1 = r.v[1]
+            a2 = r.v[2]
+            a3 = r.v[3]
+            for _ in range(min(k, cap)):
+                a0 = a0 - lam
+                a1 = a1 - lam
+                a2 = a2 - lam
+                a3 = a3 - lam
+                a0 = a0 if a0 > zero else zero
+                a1 = a1 if a1 > zero else zero
+                a2 = a2 if a2 > zero else zero
+                a3 = a3 if a3 > zero else zero
+            r.v[0] = a0
+            r.v[1] = a1
+            r.v[2] = a2
+            r.v[3] = a3
+            k = 0
+        for co in range(4):
+            v32 = _replay(r.v[co], k, mode, lam, beta, exact_below)
+            i32 = np.float32(r.cur[co])
+            r.cur[co] = 0.0
+            v32 = _integrate(v32, i32, mode, lam, beta)
+            e = o * 4 + co
+            if v32 >= theta[co] and not (fire_once and fired[e] != 0):
+                spikes[ns] = e
+                ns += 1
+                v32 = zero
+                if fire_once:
+                    fired[e] = 1
+            r.v[co] = v32
     return ns
 
 
@@ -871,6 +979,7 @@ class SparseState:
     n_p2: int = 0
     n_p1: int = 0
     scratch: dict[str, np.ndarray] = field(default_factory=dict)
+    rec1: np.ndarray | None = None  # Conv1 state as C1_DTYPE records; v[0] and last[0] are views of it
 
 
 class SparseOutput(NamedTuple):
@@ -960,6 +1069,11 @@ class SparseSpikeSEG:
         sizes = ((h, w), (h2, w2), (h4, w4))
         v = [np.zeros(a * b * c, np.float32) for (a, b), c in zip(sizes, chans)]
         last = [np.full(a * b, -1, np.int64) for a, b in sizes]
+        rec1 = np.zeros(h * w, C1_DTYPE)
+        rec1["last"] = -1
+        rec1["mark"] = -1
+        v[0] = rec1["v"]  # (H*W, 4) views of the records (membranes() reads them)
+        last[0] = rec1["last"]
         fo = self.params.fire_once
         fired = [np.zeros(a * b * c if fo else 1, np.uint8) for (a, b), c in zip(sizes, chans)]
         i64, f64 = np.int64, np.float64
@@ -968,8 +1082,9 @@ class SparseSpikeSEG:
             "a_val": np.zeros(self.c_in * h * w, np.float32), "count": np.zeros(self.c_in * h * w, np.int32),
         }
         for i, ((a, b), c) in enumerate(zip(sizes, chans), start=1):
-            sc[f"cur{i}"] = np.zeros(a * b * c, f64)
-            sc[f"mark{i}"] = np.full(a * b, -1, i64)
+            if i > 1:  # Conv1 keeps its current and mark in the records (rec1)
+                sc[f"cur{i}"] = np.zeros(a * b * c, f64)
+                sc[f"mark{i}"] = np.full(a * b, -1, i64)
             sc[f"touched{i}"] = np.zeros(a * b, i64)
             sc[f"spk{i}"] = np.zeros(a * b * c, i64)
         for i, ((a, b), c) in enumerate(zip(sizes[1:], chans[:2]), start=1):
@@ -1001,7 +1116,7 @@ class SparseSpikeSEG:
         sc["best"] = np.zeros(h * w, f64)
         sc["bestmark"] = np.full(h * w, -1, i64)
         sc["lit"] = np.zeros(h * w, i64)
-        return SparseState(grid=g, v=v, last=last, fired=fired, scratch=sc)
+        return SparseState(grid=g, v=v, last=last, fired=fired, scratch=sc, rec1=rec1)
 
     # ------------------------------------------------------------------ step
     def step(
@@ -1051,9 +1166,9 @@ class SparseSpikeSEG:
             )
         t = state.t
         fo = p.fire_once
-        n1 = _layer(sc["a_pos"], sc["a_ch"], sc["a_val"], n_in, g.w, self._e1, 2, g.h, g.w,
-                    sc["cur1"], state.v[0], state.last[0], state.fired[0], sc["mark1"], sc["touched1"], t,
-                    self._th[0], self._modes[0], self._lams[0], self._betas[0], self._exact[0], fo, sc["spk1"])
+        n1 = _layer_c1(sc["a_pos"], sc["a_ch"], sc["a_val"], n_in, g.w, self._e1, g.h, g.w,
+                       state.rec1, state.fired[0], sc["touched1"], t,
+                       self._th[0], self._modes[0], self._lams[0], self._betas[0], self._exact[0], fo, sc["spk1"])
         np1 = _pool(sc["spk1"], n1, 4, g.w, g.h2, g.w2, t, sc["pmark1"], sc["poff1"], sc["plist1"],
                     sc["head1"], sc["hmark1"], sc["next1"], sc["ppos1"], sc["pch1"], sc["pval1"], sc["poffo1"],
                     sc["qlist1"], sc["lnk1"], sc["pbeg1"])

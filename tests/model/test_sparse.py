@@ -185,6 +185,24 @@ def test_leak_variants_and_fire_once(over: dict) -> None:
         _assert_same(sp, out, st, dout, cfg, enc, t)
 
 
+@pytest.mark.parametrize("over", [{"lambda1": 1.6, "theta1": [10.0, 7.5, 12.0, 9.0]}, {"lambda1": 9.0}, {"lambda1": 0.3}])
+def test_conv1_replay_after_gaps_of_every_length(over: dict) -> None:
+    """Conv1's capped, branch-free leak replay (inexact lambda 1.6, per-channel theta) == dense, gaps 1..12 steps."""
+    rng = np.random.default_rng(11)
+    cfg, enc, sp = _pair(over)
+    frames = []
+    for gap in range(1, 13):
+        frames += [_scene(t, 32, 40, rng, 0.03) for t in range(3)]
+        frames += [np.zeros((2, 32, 40), np.float32)] * gap
+    charged = 0  # membranes above the exact-closed-form limit (2 for lambda 1.6) decaying through a gap
+    for t, (out, st, dout, dst) in enumerate(_run_both(cfg, enc, sp, frames)):
+        _assert_same(sp, out, st, dout, cfg, enc, t)
+        v1 = sp.membranes(st)[0]
+        assert np.array_equal(v1, dst.neurons[0].v[0].numpy()), f"step {t}: Conv1 membranes differ"
+        charged += int((v1 > 2.0).sum())
+    assert charged > 100
+
+
 def test_events_path_equals_frame_path_and_input_untouched() -> None:
     rng = np.random.default_rng(4)
     cfg = build(ModelConfig, {"input_mode": "count"})

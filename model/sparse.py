@@ -359,7 +359,7 @@ def _layer_c1(
         r = rec[o]
         k = t - 1 - r.last
         r.last = t
-        if capped and k > 0:
+        if capped:
             a0 = r.v[0]
             a1 = r.v[1]
             a2 = r.v[2]
@@ -373,11 +373,41 @@ def _layer_c1(
                 a1 = a1 if a1 > zero else zero
                 a2 = a2 if a2 > zero else zero
                 a3 = a3 if a3 > zero else zero
-            r.v[0] = a0
-            r.v[1] = a1
-            r.v[2] = a2
-            r.v[3] = a3
-            k = 0
+            # this step's update, channel by channel (same ops as _integrate, mode 0)
+            a0 = (a0 + np.float32(r.cur[0])) - lam
+            a1 = (a1 + np.float32(r.cur[1])) - lam
+            a2 = (a2 + np.float32(r.cur[2])) - lam
+            a3 = (a3 + np.float32(r.cur[3])) - lam
+            r.cur[0] = 0.0
+            r.cur[1] = 0.0
+            r.cur[2] = 0.0
+            r.cur[3] = 0.0
+            a0 = a0 if a0 > zero else zero
+            a1 = a1 if a1 > zero else zero
+            a2 = a2 if a2 > zero else zero
+            a3 = a3 if a3 > zero else zero
+            f0 = a0 >= theta[0]
+            f1 = a1 >= theta[1]
+            f2 = a2 >= theta[2]
+            f3 = a3 >= theta[3]
+            r.v[0] = zero if f0 else a0
+            r.v[1] = zero if f1 else a1
+            r.v[2] = zero if f2 else a2
+            r.v[3] = zero if f3 else a3
+            if f0 or f1 or f2 or f3:
+                if f0:
+                    spikes[ns] = o * 4
+                    ns += 1
+                if f1:
+                    spikes[ns] = o * 4 + 1
+                    ns += 1
+                if f2:
+                    spikes[ns] = o * 4 + 2
+                    ns += 1
+                if f3:
+                    spikes[ns] = o * 4 + 3
+                    ns += 1
+            continue
         for co in range(4):
             v32 = _replay(r.v[co], k, mode, lam, beta, exact_below)
             i32 = np.float32(r.cur[co])

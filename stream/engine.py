@@ -234,7 +234,9 @@ class Pipeline:
     def _source_loop(self, q_model: BoundedQueue) -> None:
         src, binner = self.source, self.binner
         assert binner is not None
-        first_t: int | None = None
+        first_t: int | None = None  # start of the current stream (file, loop pass)
+        last_t: int | None = None
+        before_us = 0  # sensor time of the streams before it: --duration counts across loops and files
         try:
             for item in src.packets():
                 if self.stop.is_set():
@@ -256,14 +258,18 @@ class Pipeline:
                     item = StreamReset(item.reason, self.prefilter.size_out, item.source)
                 done = False
                 for out in binner.process(item):
+                    if isinstance(out, StreamReset) and first_t is not None and last_t is not None:
+                        before_us += last_t - first_t  # a new stream restarts its timestamps
+                        first_t = last_t = None
                     if isinstance(out, Step):
                         if first_t is None:
                             first_t = out.t0_us
-                        if self.duration_us is not None and out.t1_us - first_t > self.duration_us:
+                        last_t = out.t1_us
+                        if self.duration_us is not None and before_us + out.t1_us - first_t > self.duration_us:
                             done = True
                             break
                         self.metrics.inc("steps")
-                        self.metrics.gauge("sensor_time_s", (out.t1_us - first_t) / 1e6)
+                        self.metrics.gauge("sensor_time_s", (before_us + out.t1_us - first_t) / 1e6)
                     q_model.put(out, self.stop)
                 if done:
                     break

@@ -97,6 +97,18 @@ def test_duration_limits_sensor_time(cfg, echo_factory, tmp_path) -> None:
     assert s.masks == 20 and s.error is None
 
 
+def test_duration_counts_sensor_time_across_loop_wraps(cfg, echo_factory, tmp_path) -> None:
+    """A looping replay restarts its timestamps at every wrap; --duration still ends the run."""
+    one_pass = packets(10, SIZE)  # 10 ms of sensor time
+    items = []
+    for _ in range(50):  # "forever" for this run: 500 ms
+        items += [StreamReset("loop wrap", SIZE), *one_pass]
+    src, sink = ListSource(items[1:], SIZE), ListSink()
+    s = run_pipeline(cfg, src, [sink], model_factory=echo_factory, run_dir=tmp_path, duration_s=0.035)
+    assert s.error is None
+    assert s.masks == 35  # three passes and a half, not 10 per pass forever
+
+
 def test_stop_request_drains_and_closes(cfg, echo_factory, tmp_path) -> None:
     import threading
 

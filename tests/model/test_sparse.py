@@ -79,6 +79,18 @@ def test_scene_spikes_indices_masks_identical_to_dense() -> None:
     assert out.layer_spikes["conv1"] == int(dout.layer_spikes["conv1"].sum())
 
 
+def test_wide_sensor_mask_windows_cross_bitmask_words() -> None:
+    """W/4 > 64: the joint mask's S3 row bitmasks span two words; windows near column 64 read both."""
+    rng = np.random.default_rng(5)
+    cfg, enc, sp = _pair()
+    frames = [_scene(t, 24, 300, rng, 0.04) for t in range(12)]
+    cols: set[int] = set()
+    for t, (out, st, dout, _d) in enumerate(_run_both(cfg, enc, sp, frames)):
+        _assert_same(sp, out, st, dout, cfg, enc, t)
+        cols |= {int(p) % 75 for p in out.s3 // sp.n_classes}
+    assert any(55 <= c <= 70 for c in cols), sorted(cols)  # spikes on both sides of bit 64
+
+
 def _random_setup(quantise: bool):
     g = torch.Generator().manual_seed(1)
     w2 = torch.rand((36, 4, 5, 5), generator=g)

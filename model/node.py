@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from stream.config import Config
-from stream.events import Instance, MaskResult, SensorSize, Step, StreamReset
+from stream.events import Instance, MaskResult, SensorSize, Step, StreamReset, make_events
 from stream.node import NodeError, RunContext, Transform, UsageError
 
 from . import instances as inst
@@ -174,10 +174,36 @@ class ModelNode(Transform):
         if self._path == "sparse":
             self._sparse_model = SparseSpikeSEG.from_encoder(enc)
             self._side = SideThreads(self.mc.decode_threads)
+            self._warm_up()
         if self.adapter is not None:
             self.adapter.open(ctx, self.encoder)
             self._adapter_open = True
         self.reset()
+
+    def _warm_up(self) -> None:
+        """Load every compiled kernel of the event-driven path now, on a throw-away 16x16 state.
+
+        numba loads a kernel from its on-disk cache on the first call (~70 ms for the whole
+        path, more after a code change); without this the first bins of a live stream wait
+        for it and are dropped.  Same argument types as the real calls, so the same
+        signatures are loaded; no output is kept.
+        """
+        spm = self._sparse_model
+        assert spm is not None  # internal invariant: called from open() on the sparse path
+        st = spm.fresh_state(16, 16)
+        c = self.in_channels
+        ev = make_events(np.arange(8), np.arange(8) + 4, np.full(8, 8), np.arange(8) % c)
+        out, st = spm.step(None, st, events=ev, decode=False)
+        one = np.zeros(1, np.int64)  # a pretend Conv3 spike: the decode kernels run (on no entries)
+        out = spm.decode_mask(out._replace(s3=one), st)
+        sup = spm.spike_supports(st, one)
+        if self._inst_params is not None:
+            inst.sparse_instances(spm, st, out, None, self._inst_params, supports=(one, sup, 0))
+            ist = inst.fresh_instance_state(16, 16, self._inst_params)
+            ist.tracks = [(1, 1, (0, 0, 3, 3))]  # the matcher runs only with objects and tracks
+            inst.track([(1, (0, 0, 3, 3), 16)], ist, self._inst_params.track_iou)
+        w = _SparseWindow(16, 16, 2)
+        union_window_np(out.mask.reshape(-1), out.lit, w.ring[0], w.last, w.cls, 0, 2, w.out)
 
     @property
     def path(self) -> str:

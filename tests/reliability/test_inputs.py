@@ -181,9 +181,9 @@ def test_25_mev_per_s_burst_unpaced_loses_nothing(tmp_path: Path, burst: Path) -
 
 @pytest.mark.slow
 def test_25_mev_per_s_burst_paced_drops_are_counted_and_shown(tmp_path: Path, burst: Path) -> None:
-    """Paced (live) replay faster than the model: the model queue (8 here) drops the
+    """Paced (live) replay faster than the model: the live queue (8 ms = 8 bins here) drops the
     oldest steps, the run still ends 0, and the summary line shows the drops."""
-    cfg = small_cfg(tmp_path, engine={"model_queue": 8, "status_s": 0})
+    cfg = small_cfg(tmp_path, engine={"live_queue_ms": 8.0, "status_s": 0})
     video = tmp_path / "out.mp4"
     stats = tmp_path / "stats.json"
     r = cli(["-c", str(cfg), "--source", str(burst), "--realtime", "--sink", f"overlay:{video}",

@@ -102,7 +102,7 @@ class TimedSink(ListSink):
 @pytest.mark.slow
 def test_overload_is_bounded_counted_and_recovers(tmp_path) -> None:
     cfg = load_config(overrides={
-        "engine": {"status_s": 0.25, "live_queue": QUEUE, "max_batch": 4, "device": "cpu"},
+        "engine": {"status_s": 0.25, "live_queue_ms": float(QUEUE), "max_batch": 4, "device": "cpu"},  # 1 ms bins: QUEUE steps
         "binner": {"gap_reset_s": 10.0},
     })
     sink = TimedSink()

@@ -46,7 +46,8 @@ def test_each_node_opened_and_closed_once(cfg, echo_factory, tmp_path) -> None:
 
 
 def test_live_source_drops_oldest_with_bounded_memory(echo_factory, tmp_path) -> None:
-    cfg = load_config(overrides={"engine": {"device": "cpu", "status_s": 0, "model_queue": 8, "max_batch": 1}})
+    # live capacity is sensor time: 8 ms of 1 ms bins = 8 steps (model_queue is for replays)
+    cfg = load_config(overrides={"engine": {"device": "cpu", "status_s": 0, "live_queue_ms": 8.0, "max_batch": 1}})
     echo_factory.holder["kw"] = {"delay_s": 0.002}
     src, sink = ListSource(packets(600, SIZE, per_packet=5), SIZE, live=True), ListSink()
     s = run_pipeline(cfg, src, [sink], model_factory=echo_factory, run_dir=tmp_path)

@@ -194,18 +194,17 @@ def window_steps(
 
 @njit(cache=True)
 def union_window_np(
-    raw: np.ndarray, lit: np.ndarray, expire: np.ndarray, last: np.ndarray, cls: np.ndarray, t: int, n: int,
-    out: np.ndarray,
+    raw: np.ndarray, lit: np.ndarray, expire: np.ndarray, last: np.ndarray, t: int, n: int, out: np.ndarray,
 ) -> None:
     """The ``union`` window of :func:`window_step` for numpy masks (the event-driven path).
 
-    Per pixel: ``last`` = step of its newest lighting, ``cls`` = that class; the window
-    output is ``cls`` where ``t - last < n``, else 0 -- the same as "newest class among the
+    Per pixel: ``last`` = step of its newest lighting; the window output is that lighting's
+    class where ``t - last < n``, else 0 -- the same as "newest class among the
     last n raw masks".  ``out`` is the node's persistent window mask, updated in place with
     work proportional to the lit pixels, not H x W: the pixels lit ``n`` steps ago
     (``expire``, the ``lit`` of step ``t - n``) are cleared unless lit again since, then the
     pixels lit this step (``lit``: flat indices where ``raw != 0``) are written.  A full
-    pass over ``last`` cost ~0.3 ms per step at 346x260.  Mutates ``last``/``cls``/``out``.
+    pass over ``last`` cost ~0.3 ms per step at 346x260.  Mutates ``last`` and ``out``.
     """
     for j in range(expire.shape[0]):
         o = expire[j]
@@ -213,7 +212,5 @@ def union_window_np(
             out[o] = 0
     for j in range(lit.shape[0]):
         o = lit[j]
-        r = raw[o]
         last[o] = t
-        cls[o] = r
-        out[o] = r
+        out[o] = raw[o]

@@ -163,6 +163,7 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union else 0.0
 
 
+@njit(cache=True, nogil=True)
 def bbox_iou(a: tuple[int, int, int, int] | np.ndarray, b: tuple[int, int, int, int] | np.ndarray) -> float:
     """IoU of two inclusive pixel boxes (x0, y0, x1, y1)."""
     iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
@@ -406,13 +407,7 @@ def _match(ob: np.ndarray, tb: np.ndarray, thr: float) -> np.ndarray:
         for j in range(n_t):
             if ob[i, 0] != tb[j, 0]:
                 continue
-            iw = min(ob[i, 3], tb[j, 3]) - max(ob[i, 1], tb[j, 1]) + 1
-            ih = min(ob[i, 4], tb[j, 4]) - max(ob[i, 2], tb[j, 2]) + 1
-            inter = max(iw, 0) * max(ih, 0)
-            ua = (ob[i, 3] - ob[i, 1] + 1) * (ob[i, 4] - ob[i, 2] + 1)
-            ub = (tb[j, 3] - tb[j, 1] + 1) * (tb[j, 4] - tb[j, 2] + 1)
-            union = ua + ub - inter
-            v = inter / union if union > 0 else 0.0
+            v = bbox_iou(ob[i, 1:], tb[j, 1:])
             if v >= thr:
                 ious[n] = -v
                 pi[n] = i

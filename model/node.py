@@ -83,11 +83,10 @@ def _rows(out: EncoderOutput, rows: torch.Tensor) -> EncoderOutput:
 
 
 class _SparseWindow:
-    """``union`` mask window state of the sparse path (numpy): newest lighting step and class per pixel."""
+    """``union`` mask window state of the sparse path (numpy): newest lighting step per pixel and the window mask."""
 
     def __init__(self, h: int, w: int, n: int) -> None:
         self.last = np.full(h * w, -(1 << 40), np.int64)
-        self.cls = np.zeros(h * w, np.uint8)
         self.ring: list[np.ndarray] = [np.zeros(0, np.int64)] * n  # pixels lit at each of the last n steps (slot t % n)
         self.out = np.zeros(h * w, np.uint8)  # the window mask, kept up to date in place
         self.t = 0
@@ -203,7 +202,7 @@ class ModelNode(Transform):
             ist.tracks = [(1, 1, (0, 0, 3, 3))]  # the matcher runs only with objects and tracks
             inst.track([(1, (0, 0, 3, 3), 16)], ist, self._inst_params.track_iou)
         w = _SparseWindow(16, 16, 2)
-        union_window_np(out.mask.reshape(-1), out.lit, w.ring[0], w.last, w.cls, 0, 2, w.out)
+        union_window_np(out.mask.reshape(-1), out.lit, w.ring[0], w.last, 0, 2, w.out)
 
     @property
     def path(self) -> str:
@@ -302,7 +301,7 @@ class ModelNode(Transform):
             raw = sout.mask.reshape(-1)
             lit = sout.lit
             slot = win.t % mc.mask_window
-            union_window_np(raw, lit, win.ring[slot], win.last, win.cls, win.t, mc.mask_window, win.out)
+            union_window_np(raw, lit, win.ring[slot], win.last, win.t, mc.mask_window, win.out)
             win.ring[slot] = lit
             mask = win.out.reshape(h, w).copy()
             win.t += 1

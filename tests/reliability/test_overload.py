@@ -46,10 +46,11 @@ class PacedSource(SourceNode):
 
     def open(self, ctx) -> None:
         self.ctx = ctx
+        self.w0: float | None = None  # wall clock at sensor time 0 (set when streaming starts)
 
     def packets(self) -> Iterator[EventPacket]:
         stop = self.ctx.stop
-        w0 = time.monotonic()
+        w0 = self.w0 = time.monotonic()
         t_sent = 0
         while not stop.is_set():
             now_us = int((time.monotonic() - w0) * 1e6)
@@ -115,13 +116,17 @@ def test_overload_is_bounded_counted_and_recovers(tmp_path) -> None:
             rss.append((time.monotonic(), rss_mb()))
 
     sampler = threading.Thread(target=sample, daemon=True)
-    t0 = time.monotonic()
     sampler.start()
-    s = run_pipeline(cfg, PacedSource(), [sink], run_dir=tmp_path / "run",
+    source = PacedSource()
+    s = run_pipeline(cfg, source, [sink], run_dir=tmp_path / "run",
                      model_factory=lambda *a, **k: SlowModel(), status_stream=status)
     done.set()
     sampler.join(2)
     assert s.exit_code == 0, s.error
+    # Windows below are in sensor time (= wall time since the source's first packet), so a slow
+    # pipeline start-up on a loaded machine does not shift the burst against them.
+    t0 = source.w0
+    assert t0 is not None
 
     # drops: counted, in the summary and on the status line
     dropped = s.drops.get("model_in", 0)
@@ -140,7 +145,7 @@ def test_overload_is_bounded_counted_and_recovers(tmp_path) -> None:
 
     # latency: bounded by the queue, not growing from the first to the last burst second
     rows = np.array(sink.rows)
-    rel = rows[:, 0] - t0
+    rel = rows[:, 2] / 1e6  # sensor start of the mask's bin, s
     early = rows[(rel >= 1.0) & (rel < 1.8), 1]
     late = rows[(rel >= 2.2) & (rel < BURST_S), 1]
     assert len(early) and len(late)
@@ -148,10 +153,13 @@ def test_overload_is_bounded_counted_and_recovers(tmp_path) -> None:
     assert late.max() < bound, (late.max(), bound)
     assert np.median(late) < 1.5 * np.median(early) + 0.02, (np.median(early), np.median(late))
 
-    # catch-up: the last masks after the burst are fresh
+    # catch-up: the bins of the last 0.5 s, 1.5 s after the burst (a full queue drains in ~0.3 s),
+    # are fresh.  An unrecovered pipeline would stay at ~0.3 s for all of them; the p95 leaves room
+    # for one scheduler hiccup of a loaded 2-core CI machine.
     tail = rows[rel >= BURST_S + CALM_S - 0.5, 1]
     assert len(tail) > 100, "the pipeline did not keep up with the sparse stream after the burst"
-    assert np.percentile(tail, 99) < 0.05, np.percentile(tail, 99)
+    assert np.median(tail) < 0.01, np.median(tail)
+    assert np.percentile(tail, 95) < 0.05, np.percentile(tail, 95)
     print(f"overload: steps {s.steps} masks {s.masks} dropped {dropped}; RSS burst {burst[0]:.1f} -> "
           f"{max(burst):.1f} MiB; latency median early {np.median(early) * 1e3:.0f} ms, late "
           f"{np.median(late) * 1e3:.0f} ms, max {late.max() * 1e3:.0f} ms; after burst p99 "

@@ -31,6 +31,7 @@ reused within a stream); an object not seen this step is dropped.  ``reset`` = a
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,8 +264,16 @@ def select_spikes(s3: np.ndarray, cap: int) -> tuple[np.ndarray, int]:
     n = len(s3)
     if n <= cap:
         return s3, 0
+    return s3[_picks(n, cap)], n - cap
+
+
+@functools.lru_cache(maxsize=256)
+def _picks(n: int, cap: int) -> np.ndarray:
+    """Indices of ``cap`` evenly spaced picks out of ``n`` (cached: ``np.linspace`` cost ~30 µs
+    of Python per step, and a stream's spike counts repeat)."""
     pick = np.linspace(0, n - 1, cap).round().astype(np.int64)
-    return s3[pick], n - cap
+    pick.flags.writeable = False
+    return pick
 
 
 def group_instances(

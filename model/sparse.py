@@ -67,6 +67,13 @@ LEAK_CODES = {"subtractive": 0, "multiplicative": 1, "none": 2}
 
 
 # --------------------------------------------------------------------------- kernels
+#: Index cast for hot loops: numba adds a negative-index wraparound (a sign test and an add) to
+#: every access with a signed index, which blocks vectorisation (the Conv2 scatter ran 2x
+#: slower).  Unsigned indices skip it.  Only for indices that are valid by construction (there
+#: are no bounds checks either way).  Cast the finished index; never mix uint64 into the
+#: arithmetic (numba turns int64 op uint64 into a float).
+_U = np.uint64
+
 @njit(cache=True, nogil=True)
 def _active_from_frame(
     frame: np.ndarray, bits: np.ndarray, hw: int, binary: bool, pos: np.ndarray, ch: np.ndarray, val: np.ndarray
@@ -186,6 +193,7 @@ def _layer(
     """
     co_n = wt.shape[3]
     k_n = wt.shape[1]
+    wf = wt.reshape(-1)
     nt = 0
     # one output channel (Conv3, one class): the per-(ky, kx) mark test would cost as much as
     # the add, so first sum the kernels of all active channels at one input position (the
@@ -201,9 +209,9 @@ def _layer(
         while s < n_src and src_pos[s] == p:
             ci = src_ch[s]
             v = np.float64(src_val[s])
-            for ky in range(k_n):
-                for kx in range(k_n):
-                    ksum[ky * k_n + kx] += v * wt[ci, ky, kx, 0]
+            wb = ci * k_n * k_n
+            for j in range(k_n * k_n):
+                ksum[_U(j)] += v * wf[_U(wb + j)]
             s += 1
         y = p // wi
         x = p - y * wi
@@ -220,7 +228,7 @@ def _layer(
                     mark[o] = t
                     touched[nt] = o
                     nt += 1
-                cur[o] += ksum[ky * k_n + kx]
+                cur[_U(o)] += ksum[_U(ky * k_n + kx)]
     for s in range(n_src if co_n != 1 else 0):
         p = src_pos[s]
         y = p // wi
@@ -241,8 +249,9 @@ def _layer(
                     touched[nt] = o
                     nt += 1
                 base = o * co_n
+                wb = ((ci * k_n + ky) * k_n + kx) * co_n
                 for co in range(co_n):
-                    cur[base + co] += v * wt[ci, ky, kx, co]
+                    cur[_U(base + co)] += v * wf[_U(wb + co)]
     zero = np.float32(0.0)
     ns = 0
     # fast path (subtractive leak, closed-form replay exact for every membrane, no fire-once):
@@ -263,20 +272,20 @@ def _layer(
         kl = np.float64(max(k, 0)) * lam64
         n_fire = 0
         for co in range(co_n):
-            e = base + co
+            e = _U(base + co)
             r = np.float64(v_mem[e]) - kl
             v32 = np.float32(r) if r > 0.0 else zero
             i32 = np.float32(cur[e])
             cur[e] = 0.0
             v32 = (v32 + i32) - lam
             v32 = v32 if v32 > zero else zero
-            f = v32 >= theta[co]
-            fire[co] = f
+            f = v32 >= theta[_U(co)]
+            fire[_U(co)] = f
             n_fire += f
             v_mem[e] = zero if f else v32
         if n_fire:
             for co in range(co_n):
-                if fire[co]:
+                if fire[_U(co)]:
                     spikes[ns] = base + co
                     ns += 1
     for j in range(0 if fast else nt):
@@ -507,13 +516,13 @@ def _scatter5(
             if ox < 0 or ox >= w:
                 continue
             o = oy * w + ox
-            if mark[o] != stamp:
-                mark[o] = stamp
+            if mark[_U(o)] != stamp:
+                mark[_U(o)] = stamp
                 lst[n] = o
                 n += 1
             base = o * c_n
             for c in range(c_n):
-                acc[base + c] += val * wt[ci, ky, kx, c]
+                acc[_U(base + c)] += val * wt[_U(ci), _U(ky), _U(kx), _U(c)]
     return n
 
 
@@ -743,42 +752,42 @@ def _mask_gated(
         for qy in range(max(0, (ay - 2) >> 1), min(h4, ((ay + 2) >> 1) + 1)):
             for qx in range(max(0, (ax - 2) >> 1), min(w4, ((ax + 2) >> 1) + 1)):
                 q = qy * w4 + qx
-                if p2_hmark[q] != t:
+                if p2_hmark[_U(q)] != t:
                     continue
                 by = ay - 2 * qy + 2
                 bx = ax - 2 * qx + 2
-                for e in range(p2_beg[q], p2_head[q] + 1):  # the cell's entries are contiguous
-                    off = p2_off[e]
+                for e in range(p2_beg[_U(q)], p2_head[_U(q)] + 1):  # the cell's entries are contiguous
+                    off = p2_off[_U(e)]
                     ky = by - (off >> 1)
                     kx = bx - (off & 1)
                     if 0 <= ky < 5 and 0 <= kx < 5:
-                        ci = p2_ch[e]
-                        if d3stamp[e] != stamp:  # D3 of this entry, gathered once per call
-                            d3stamp[e] = stamp
+                        ci = p2_ch[_U(e)]
+                        if d3stamp[_U(e)] != stamp:  # D3 of this entry, gathered once per call
+                            d3stamp[_U(e)] = stamp
                             v3 = 0.0
                             wd = qx >> 6
                             sh = np.uint64(qx & 63)
                             for sy in range(max(0, qy - 3), min(h4, qy + 4)):
-                                bits = s3bits[sy, wd] >> sh
+                                bits = s3bits[_U(sy), _U(wd)] >> sh
                                 if sh != zero64:
-                                    bits |= s3bits[sy, wd + 1] << (np.uint64(64) - sh)
+                                    bits |= s3bits[_U(sy), _U(wd + 1)] << (np.uint64(64) - sh)
                                 bits &= np.uint64(127)
                                 ky3 = qy - sy + 3
                                 jx = 6  # bit j is column qx - 3 + j: W3 column 6 - j
                                 while bits != zero64:
                                     if bits & one:
-                                        v3 += w3t[k, ky3, jx, ci]
+                                        v3 += w3t[_U(k), _U(ky3), _U(jx), _U(ci)]
                                     bits >>= one
                                     jx -= 1
-                            d3[e] = v3
-                        v3 = d3[e]
+                            d3[_U(e)] = v3
+                        v3 = d3[_U(e)]
                         if v3 != 0.0:
                             hit = True
                             i2 = ((ci * 5 + ky) * 5 + kx) * 4
-                            d0 += v3 * w2f[i2]
-                            d1 += v3 * w2f[i2 + 1]
-                            d2 += v3 * w2f[i2 + 2]
-                            d3s += v3 * w2f[i2 + 3]
+                            d0 += v3 * w2f[_U(i2)]
+                            d1 += v3 * w2f[_U(i2 + 1)]
+                            d2 += v3 * w2f[_U(i2 + 2)]
+                            d3s += v3 * w2f[_U(i2 + 3)]
         if not hit:
             continue
         e = p1_head[a]
@@ -802,10 +811,9 @@ def _support_one(
     w4: int, h2: int, w2: int, h: int, w: int,
     p2_head: np.ndarray, p2_hmark: np.ndarray, p2_beg: np.ndarray, p2_ch: np.ndarray, p2_off: np.ndarray,
     p1_head: np.ndarray, p1_hmark: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
-    t: int, stamp: int,
-    sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
+    t: int, cut: float, loc: np.ndarray, pixels: np.ndarray, total: int, box: np.ndarray,
 ) -> int:
-    """Gated saliency of ONE S3 spike (flat position ``p`` on the H/4 grid, class ``k``), by gather.
+    """Gated support of ONE S3 spike (flat position ``p`` on the H/4 grid, class ``k``), by gather.
 
     :func:`_decode` scatters forward from the spike (D3 -> every P2 entry in reach -> 25 x 4
     D2 adds each), although the gate then keeps D2 only at the few pooled Conv1 cells that
@@ -816,17 +824,31 @@ def _support_one(
     scattered through K1 like :func:`_decode`.  Work ~ (P1 entries in reach) x (P2 entries
     near each), instead of (P2 entries in reach) x 100.  Same sums, another order: float64
     and exact on the 2^-12 weight grid, so the supports are identical.
+
+    The K1 scatter goes into ``loc``, a dense 40 x 40 crop of the pixels the spike can reach
+    (rows 4 sy - 18 .. 4 sy + 21; all zeros on entry and on return), without bounds tests or
+    touched-pixel marks, and the support (saliency > ``cut``, inside the sensor) is collected
+    by one scan of the touched rectangle: the marked scatter and its touched-list walk were
+    ~60 % of a spike's decode.  Appends the support to ``pixels`` from ``total`` (raster order
+    within the crop) and writes its inclusive bbox to ``box`` (-1s when empty); returns the
+    new total.
     """
     h4 = p2_hmark.shape[0] // w4
     sy = p // w4
     sx = p - sy * w4
     w3f = w3t.reshape(-1)  # (k, 7, 7, 36) and (36, 5, 5, 4), C-contiguous
     w2f = w2t.reshape(-1)
-    ns = 0
+    k1f = k1t.reshape(-1)  # (4, 5, 5, 1)
+    oy = 4 * sy - 18  # crop origin in pixels
+    ox = 4 * sx - 18
+    rlo = 40
+    rhi = -1
+    clo = 40
+    chi = -1
     for ay in range(max(0, 2 * sy - 8), min(h2, 2 * sy + 10)):
         for ax in range(max(0, 2 * sx - 8), min(w2, 2 * sx + 10)):
             a = ay * w2 + ax
-            if p1_hmark[a] != t:
+            if p1_hmark[_U(a)] != t:
                 continue
             # four Conv1 features (fixed by the architecture): scalar accumulators stay in
             # registers, where a small array would be stored and reloaded per entry
@@ -838,32 +860,62 @@ def _support_one(
             for qy in range(max(max(0, (ay - 2) >> 1), sy - 3), min(min(h4, ((ay + 2) >> 1) + 1), sy + 4)):
                 for qx in range(max(max(0, (ax - 2) >> 1), sx - 3), min(min(w4, ((ax + 2) >> 1) + 1), sx + 4)):
                     q = qy * w4 + qx
-                    if p2_hmark[q] != t:
+                    if p2_hmark[_U(q)] != t:
                         continue
                     by = ay - 2 * qy + 2
                     bx = ax - 2 * qx + 2
                     b3 = ((k * 7 + qy - sy + 3) * 7 + qx - sx + 3) * 36
-                    for e in range(p2_beg[q], p2_head[q] + 1):  # the cell's entries are contiguous
-                        off = p2_off[e]
+                    for e in range(p2_beg[_U(q)], p2_head[_U(q)] + 1):  # the cell's entries are contiguous
+                        off = p2_off[_U(e)]
                         ky = by - (off >> 1)
                         kx = bx - (off & 1)
                         if 0 <= ky < 5 and 0 <= kx < 5:
-                            ci = p2_ch[e]
-                            v3 = w3f[b3 + ci]
+                            ci = p2_ch[_U(e)]
+                            v3 = w3f[_U(b3 + ci)]
                             i2 = ((ci * 5 + ky) * 5 + kx) * 4  # flat indices: one address computation
-                            d0 += v3 * w2f[i2]
-                            d1 += v3 * w2f[i2 + 1]
-                            d2 += v3 * w2f[i2 + 2]
-                            d3 += v3 * w2f[i2 + 3]
+                            d0 += v3 * w2f[_U(i2)]
+                            d1 += v3 * w2f[_U(i2 + 1)]
+                            d2 += v3 * w2f[_U(i2 + 2)]
+                            d3 += v3 * w2f[_U(i2 + 3)]
             e = p1_head[a]
             while e >= 0:
                 c = p1_ch[e]
                 off = p1_off[e]
                 dc = d0 if c == 0 else (d1 if c == 1 else (d2 if c == 2 else d3))
-                ns = _scatter5(dc, k1t, c, 2 * ay + (off >> 1), 2 * ax + (off & 1), h, w, stamp,
-                               sal, salmark, sallist, ns)
+                ry = 2 * ay + (off >> 1) - oy  # unpool target in the crop: 2 .. 37
+                rx = 2 * ax + (off & 1) - ox
+                rlo = min(rlo, ry)
+                rhi = max(rhi, ry)
+                clo = min(clo, rx)
+                chi = max(chi, rx)
+                kb = c * 25
+                for ky in range(5):
+                    for kx in range(5):
+                        loc[_U(ry + ky - 2), _U(rx + kx - 2)] += dc * k1f[_U(kb + ky * 5 + kx)]
                 e = p1_next[e]
-    return ns
+    x0, y0, x1, y1 = w, h, -1, -1
+    if rhi >= 0:
+        for ly in range(max(rlo - 2, -oy), min(rhi + 2, h - 1 - oy) + 1):
+            for lx in range(max(clo - 2, -ox), min(chi + 2, w - 1 - ox) + 1):
+                if loc[_U(ly), _U(lx)] > cut:
+                    py = ly + oy
+                    px = lx + ox
+                    pixels[_U(total)] = py * w + px
+                    total += 1
+                    x0 = min(x0, px)
+                    x1 = max(x1, px)
+                    y0 = min(y0, py)
+                    y1 = max(y1, py)
+        for ly in range(rlo - 2, rhi + 3):
+            for lx in range(clo - 2, chi + 3):
+                loc[_U(ly), _U(lx)] = 0.0
+    if x1 < 0:
+        x0, y0 = -1, -1
+    box[0] = x0
+    box[1] = y0
+    box[2] = x1
+    box[3] = y1
+    return total
 
 
 @njit(cache=True, nogil=True)
@@ -877,14 +929,15 @@ def _decode_batch(
     d3: np.ndarray, d3mark: np.ndarray, d3list: np.ndarray,
     d2: np.ndarray, d2mark: np.ndarray, d2list: np.ndarray, d2pos: np.ndarray,
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
-    offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray,
+    offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, loc: np.ndarray,
 ) -> int:
     """Decode each S3 spike on its own (one-hot S3), all B spikes in one call.
 
     ``spikes``: flat channels-last S3 indices ``pos * n_cls + k``.  Instance b's support
     (pixels with saliency > ``cut``) is ``pixels[offsets[b]:offsets[b + 1]]`` (flat y*W+x,
     distinct, in no particular order) and ``bboxes[b] = (x0, y0, x1, y1)`` inclusive, (-1, ...) when empty.
-    Stamps ``stamp0 + 1 .. stamp0 + B`` are used.  Returns the total number of pixels.
+    Stamps ``stamp0 + 1 .. stamp0 + B`` are used.  ``loc``: the gated path's 40 x 40 float64
+    crop, all zeros.  Returns the total number of pixels.
     """
     one = np.zeros(1, dtype=np.int64)
     total = 0
@@ -892,17 +945,16 @@ def _decode_batch(
         e = spikes[b]
         one[0] = e // n_cls
         k = e - one[0] * n_cls
-        if gate:
-            ns = _support_one(one[0], k, w3t, w2t, k1t, w4, h2, w2, h, w,
-                              p2_head, p2_hmark, p2_beg, p2_ch, p2_off,
-                              p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, stamp0 + 1 + b,
-                              sal, salmark, sallist)
-        else:
-            _nd, ns = _decode(one, 1, k, w3t, w2t, k1t, w4, h2, w2, h, w,
-                              p2_head, p2_hmark, p2_next, p2_pos, p2_ch, p2_off, n_p2,
-                              p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, gate, stamp0 + 1 + b,
-                              d3, d3mark, d3list, d2, d2mark, d2list, d2pos, sal, salmark, sallist)
         offsets[b] = total
+        if gate:
+            total = _support_one(one[0], k, w3t, w2t, k1t, w4, h2, w2, h, w,
+                                 p2_head, p2_hmark, p2_beg, p2_ch, p2_off,
+                                 p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, cut, loc, pixels, total, bboxes[b])
+            continue
+        _nd, ns = _decode(one, 1, k, w3t, w2t, k1t, w4, h2, w2, h, w,
+                          p2_head, p2_hmark, p2_next, p2_pos, p2_ch, p2_off, n_p2,
+                          p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, gate, stamp0 + 1 + b,
+                          d3, d3mark, d3list, d2, d2mark, d2list, d2pos, sal, salmark, sallist)
         # the touched pixels in touch order (unordered: no consumer needs raster order, and a
         # raster scan of the ~44 x 44 bounding box cost ~20 % of this call)
         x0, y0, x1, y1 = w, h, -1, -1
@@ -1056,6 +1108,16 @@ class SparseOutput(NamedTuple):
     lit: np.ndarray
 
 
+def _entries(sc: dict[str, np.ndarray], layer: str, n: int) -> np.ndarray:
+    """(n, 3) int64 pooled entries (position, channel, window offset) of pool ``layer``
+    (column writes: ``np.stack`` cost ~18 µs of Python per call)."""
+    out = np.empty((n, 3), np.int64)
+    out[:, 0] = sc["ppos" + layer][:n]
+    out[:, 1] = sc["pch" + layer][:n]
+    out[:, 2] = sc["poffo" + layer][:n]
+    return out
+
+
 def _as_np_f32(w: Any) -> np.ndarray:
     if hasattr(w, "detach"):
         w = w.detach().cpu().numpy()
@@ -1166,6 +1228,7 @@ class SparseSpikeSEG:
         sc["sal"] = np.zeros(h * w, f64)
         sc["salmark"] = np.full(h * w, -1, i64)
         sc["sallist"] = np.zeros(h * w, i64)
+        sc["loc"] = np.zeros((40, 40), f64)  # one spike's pixel crop (_support_one), zero between calls
         sc["best"] = np.zeros(h * w, f64)
         sc["bestmark"] = np.full(h * w, -1, i64)
         sc["lit"] = np.zeros(h * w, i64)
@@ -1242,8 +1305,8 @@ class SparseSpikeSEG:
         n_lit = self._decode_mask(s3, mask, state) if n3 and decode else 0
         return SparseOutput(
             s1=sc["spk1"][:n1].copy(), s2=sc["spk2"][:n2].copy(), s3=s3,
-            p1=np.stack([sc["ppos1"][:np1], sc["pch1"][:np1], sc["poffo1"][:np1]], axis=1),
-            p2=np.stack([sc["ppos2"][:np2], sc["pch2"][:np2], sc["poffo2"][:np2]], axis=1),
+            p1=_entries(sc, "1", np1),
+            p2=_entries(sc, "2", np2),
             mask=mask,
             layer_spikes={"conv1": int(n1), "pool1": int(np1), "conv2": int(n2), "pool2": int(np2), "conv3": int(n3)},
             t=t,
@@ -1293,7 +1356,7 @@ class SparseSpikeSEG:
     def decode_scratch(self, state: SparseState) -> dict[str, np.ndarray]:
         """Private decoder buffers for :meth:`spike_supports` on another thread (same state)."""
         sc = state.scratch
-        keys = ("d3", "d3mark", "d3list", "d2", "d2mark", "d2list", "d2pos", "sal", "salmark", "sallist")
+        keys = ("d3", "d3mark", "d3list", "d2", "d2mark", "d2list", "d2pos", "sal", "salmark", "sallist", "loc")
         own = {k: np.full_like(sc[k], -1) if k.endswith("mark") else np.zeros_like(sc[k]) for k in keys}
         own["stamp"] = np.zeros(1, np.int64)  # stamps are compared with this scratch's marks only
         return own
@@ -1338,7 +1401,7 @@ class SparseSpikeSEG:
             sc["head1"], sc["hmark1"], sc["next1"], sc["pch1"], sc["poffo1"],
             state.t - 1, p.decoder_gate, stamp0,
             own["d3"], own["d3mark"], own["d3list"], own["d2"], own["d2mark"], own["d2list"], own["d2pos"],
-            own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes,
+            own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes, own["loc"],
         )
         return offsets, pixels[:total].copy(), bboxes
 

@@ -27,8 +27,6 @@ against.  The Binner recycles its one-bin frames (``Binner._frame_buffer``).
 """
 from __future__ import annotations
 
-import collections
-import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -36,6 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .buffers import BufferPool
 from .config import section
 from .events import EventPacket, SensorSize, Step, StreamReset, concat_events, take_events
 
@@ -286,8 +285,7 @@ class Binner:
         self.source = source
         self.metrics = metrics
         self.next_index = 0  # step index since the stream started (never reset)
-        # Recycled one-bin frames (see _frame_buffer), last handed out at the end.
-        self._frames: collections.deque[np.ndarray] = collections.deque()
+        self._frames = BufferPool(_POOL_FRAMES, _POOL_BYTES)  # recycled one-bin frames
         self._restart()
 
     # -- state --------------------------------------------------------------------
@@ -299,41 +297,15 @@ class Binner:
         self._has_labels = False
 
     def _frame_buffer(self, nbins: int, c: int, h: int, w: int) -> np.ndarray | None:
-        """A one-bin frame buffer that nothing references any more, or None (allocate).
+        """A recycled one-bin frame buffer (see :class:`stream.buffers.BufferPool`), or None (allocate).
 
-        Why: a fresh frame is fresh memory (720 KB at 346x260 is above glibc's mmap
-        threshold), and its page faults cost ~150 µs per bin -- more than binning 20,000
-        events; at 1 ms bins that alone capped a replay near 1,300 steps/s.  A frame
-        handed out in a :class:`Step` is reused only once every holder has let go: the
-        tensor (and any view of it, numpy or torch, on any thread) keeps a reference to
-        the numpy buffer, so a refcount back at the pool's own is proof that it is free.
-        The alternative, a release call from the model and every sink, would put the
-        frame's lifetime into every node's contract.  Bounded: ``_POOL_FRAMES`` buffers
-        and ``_POOL_BYTES`` in all; when all are in flight (a model behind its queue)
-        frames are allocated as before.  Only for CPU frames (CUDA copies them anyway).
+        Why: a fresh 720 KB frame at 346x260 is above glibc's mmap threshold, and its page
+        faults cost ~150 µs per bin -- more than binning 20,000 events; at 1 ms bins that
+        alone capped a replay near 1,300 steps/s.  Only for CPU frames (CUDA copies them anyway).
         """
         if nbins != 1 or self.device.type != "cpu":
             return None
-        shape = (1, c, h, w)
-        frames = self._frames
-        if frames and frames[0].shape != shape:  # new sensor size: start over
-            frames.clear()
-        # Newest first: with a consumer that keeps up, the frame handed out a few bins ago
-        # is free again and still in cache, so clearing it costs a cache pass instead of
-        # 720 KB from memory (this machine writes ~8 GB/s: ~90 µs per frame).
-        for i in range(len(frames) - 1, -1, -1):
-            buf = frames[i]
-            # references: the deque, `buf`, getrefcount's argument
-            if sys.getrefcount(buf) <= 3:
-                del frames[i]
-                frames.append(buf)  # the newest entry again
-                return buf
-        nbytes = 4 * c * h * w
-        if len(frames) < _POOL_FRAMES and (len(frames) + 1) * nbytes <= _POOL_BYTES:
-            buf = np.zeros(shape, dtype=np.float32)
-            frames.append(buf)
-            return buf
-        return None
+        return self._frames.take((1, c, h, w), np.float32)
 
     def _count(self, key: str, n: int) -> None:
         if n and self.metrics is not None:

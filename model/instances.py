@@ -139,21 +139,25 @@ def _ash(
     n_slots = hist.shape[1]
     b_n = offsets.shape[0] - 1
     out = np.zeros((b_n, n_slots), np.uint64)
+    slot = np.empty(n_slots, np.uint64)  # history column of tau (no modulo per cell)
+    for tau in range(n_slots):
+        slot[tau] = (newest - tau) % n_slots
+    u = np.uint64  # unsigned indices: no negative-index wraparound (see model.sparse._U)
     for b in range(b_n):
         st = stamp0 + b
         for j in range(offsets[b], offsets[b + 1]):
-            o = pixels[j]
+            o = pixels[u(j)]
             yy = o // w
             y = yy >> 1
             x = (o - yy * w) >> 1
             if y >= h2 or x >= w2:
                 continue
-            q = y * w2 + x
+            q = u(y * w2 + x)
             if qmark[q] == st:
                 continue
             qmark[q] = st
             for tau in range(n_slots):
-                out[b, tau] |= hist[q, (newest - tau) % n_slots]
+                out[u(b), u(tau)] |= hist[q, slot[u(tau)]]
     return out
 
 

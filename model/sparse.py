@@ -703,9 +703,9 @@ def _mask_into(
     return n_lit
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _mask_gated(
-    spk_pos: np.ndarray, n_spk: int, k: int, w3t: np.ndarray, w2t: np.ndarray, k1t: np.ndarray,
+    spk_pos: np.ndarray, n_spk: int, k: int, w3t: np.ndarray, w2p: np.ndarray, k1t: np.ndarray,
     w4: int, h4: int, w2: int, h: int, w: int,
     p2_head: np.ndarray, p2_hmark: np.ndarray, p2_beg: np.ndarray, p2_ch: np.ndarray, p2_off: np.ndarray,
     p1_pos: np.ndarray, n_p1: int,
@@ -726,7 +726,7 @@ def _mask_gated(
     scatter at the P1 entries, as in :func:`_decode`.  Same sums, another order: float64 and
     exact on the 2^-12 weight grid, so the mask is identical.  Returns the ``sallist`` count.
     """
-    w2f = w2t.reshape(-1)  # (36, 5, 5, 4) C-contiguous; four Conv1 features (the architecture)
+    w2f = w2p.reshape(-1)  # (36, 7, 7, 4): W2 with a zero border; four Conv1 features (the architecture)
     w3f = w3t.reshape(-1)  # (k, 7, 7, 36)
     # S3 as row bitmasks (``s3bits``: (H/4, words) uint64, zero on entry and on return; column
     # sx at bit sx + 3): an entry's 7 x 7 window is 7 word extractions and its set bits, not
@@ -750,7 +750,6 @@ def _mask_gated(
         d1 = 0.0
         d2 = 0.0
         d3s = 0.0
-        hit = False
         for qy in range(max(0, (ay - 2) >> 1), min(h4, ((ay + 2) >> 1) + 1)):
             for qx in range(max(0, (ax - 2) >> 1), min(w4, ((ax + 2) >> 1) + 1)):
                 q = qy * w4 + qx
@@ -780,21 +779,17 @@ def _mask_gated(
                 by = ay - 2 * qy + 2
                 bx = ax - 2 * qx + 2
                 for e in range(p2_beg[_U(q)], p2_head[_U(q)] + 1):  # the cell's entries are contiguous
+                    # W2 zero-padded to 7 x 7: out-of-reach entries add exact zeros, no branch
                     off = p2_off[_U(e)]
-                    ky = by - (off >> 1)
-                    kx = bx - (off & 1)
-                    if 0 <= ky < 5 and 0 <= kx < 5:
-                        ci = p2_ch[_U(e)]
-                        v3 = d3q[_U(qb + ci)]
-                        if v3 != 0.0:
-                            hit = True
-                            i2 = ((ci * 5 + ky) * 5 + kx) * 4
-                            d0 += v3 * w2f[_U(i2)]
-                            d1 += v3 * w2f[_U(i2 + 1)]
-                            d2 += v3 * w2f[_U(i2 + 2)]
-                            d3s += v3 * w2f[_U(i2 + 3)]
-        if not hit:
-            continue
+                    ci = p2_ch[_U(e)]
+                    v3 = d3q[_U(qb + ci)]
+                    i2 = ((ci * 7 + by + 1 - (off >> 1)) * 7 + bx + 1 - (off & 1)) * 4
+                    d0 += v3 * w2f[_U(i2)]
+                    d1 += v3 * w2f[_U(i2 + 1)]
+                    d2 += v3 * w2f[_U(i2 + 2)]
+                    d3s += v3 * w2f[_U(i2 + 3)]
+        if d0 == 0.0 and d1 == 0.0 and d2 == 0.0 and d3s == 0.0:
+            continue  # nothing reaches a (a zero scatter would light no pixel: cut >= 0)
         e = p1_head[a]
         while e >= 0:
             c = p1_ch[e]
@@ -810,9 +805,9 @@ def _mask_gated(
     return ns
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _support_one(
-    p: int, k: int, w3t: np.ndarray, w2t: np.ndarray, k1t: np.ndarray,
+    p: int, k: int, w3t: np.ndarray, w2p: np.ndarray, k1t: np.ndarray,
     w4: int, h2: int, w2: int, h: int, w: int,
     p2_head: np.ndarray, p2_hmark: np.ndarray, p2_beg: np.ndarray, p2_ch: np.ndarray, p2_off: np.ndarray,
     p1_head: np.ndarray, p1_hmark: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
@@ -842,7 +837,7 @@ def _support_one(
     sy = p // w4
     sx = p - sy * w4
     w3f = w3t.reshape(-1)  # (k, 7, 7, 36) and (36, 5, 5, 4), C-contiguous
-    w2f = w2t.reshape(-1)
+    w2f = w2p.reshape(-1)  # (36, 7, 7, 4): W2 with a zero border
     k1f = k1t.reshape(-1)  # (4, 5, 5, 1)
     oy = 4 * sy - 18  # crop origin in pixels
     ox = 4 * sx - 18
@@ -870,18 +865,17 @@ def _support_one(
                     by = ay - 2 * qy + 2
                     bx = ax - 2 * qx + 2
                     b3 = ((k * 7 + qy - sy + 3) * 7 + qx - sx + 3) * 36
+                    # ky, kx = by - offy + 1, bx - offx + 1 lie in 0..6: W2 zero-padded to 7 x 7
+                    # (out-of-reach entries add exact zeros), so the loop has no branch
                     for e in range(p2_beg[_U(q)], p2_head[_U(q)] + 1):  # the cell's entries are contiguous
                         off = p2_off[_U(e)]
-                        ky = by - (off >> 1)
-                        kx = bx - (off & 1)
-                        if 0 <= ky < 5 and 0 <= kx < 5:
-                            ci = p2_ch[_U(e)]
-                            v3 = w3f[_U(b3 + ci)]
-                            i2 = ((ci * 5 + ky) * 5 + kx) * 4  # flat indices: one address computation
-                            d0 += v3 * w2f[_U(i2)]
-                            d1 += v3 * w2f[_U(i2 + 1)]
-                            d2 += v3 * w2f[_U(i2 + 2)]
-                            d3 += v3 * w2f[_U(i2 + 3)]
+                        ci = p2_ch[_U(e)]
+                        v3 = w3f[_U(b3 + ci)]
+                        i2 = ((ci * 7 + by + 1 - (off >> 1)) * 7 + bx + 1 - (off & 1)) * 4
+                        d0 += v3 * w2f[_U(i2)]
+                        d1 += v3 * w2f[_U(i2 + 1)]
+                        d2 += v3 * w2f[_U(i2 + 2)]
+                        d3 += v3 * w2f[_U(i2 + 3)]
             e = p1_head[a]
             while e >= 0:
                 c = p1_ch[e]
@@ -934,7 +928,7 @@ def _decode_batch(
     d3: np.ndarray, d3mark: np.ndarray, d3list: np.ndarray,
     d2: np.ndarray, d2mark: np.ndarray, d2list: np.ndarray, d2pos: np.ndarray,
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
-    offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, loc: np.ndarray,
+    offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, loc: np.ndarray, w2p: np.ndarray,
 ) -> int:
     """Decode each S3 spike on its own (one-hot S3), all B spikes in one call.
 
@@ -952,7 +946,7 @@ def _decode_batch(
         k = e - one[0] * n_cls
         offsets[b] = total
         if gate:
-            total = _support_one(one[0], k, w3t, w2t, k1t, w4, h2, w2, h, w,
+            total = _support_one(one[0], k, w3t, w2p, k1t, w4, h2, w2, h, w,
                                  p2_head, p2_hmark, p2_beg, p2_ch, p2_off,
                                  p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, cut, loc, pixels, total, bboxes[b])
             continue
@@ -1167,6 +1161,8 @@ class SparseSpikeSEG:
         # decoder (transposed convs): W3 (k, K, K, 36), W2 (36, K, K, 4), K1 = sum_cin W1 (4, K, K)
         self._d3 = np.ascontiguousarray(w3n.transpose(0, 2, 3, 1).astype(f64))
         self._d2 = np.ascontiguousarray(w2n.transpose(0, 2, 3, 1).astype(f64))
+        self._d2p = np.zeros((self._d2.shape[0], 7, 7, self._d2.shape[3]), f64)  # zero border: branch-free gathers
+        self._d2p[:, 1:6, 1:6, :] = self._d2
         self._k1 = np.ascontiguousarray(w1n.astype(f64).sum(axis=1)[..., None])
         self._th = [np.asarray(getattr(p, f"theta{i}"), dtype=np.float32) for i in (1, 2, 3)]
         mode = LEAK_CODES[p.leak]
@@ -1407,7 +1403,7 @@ class SparseSpikeSEG:
             sc["head1"], sc["hmark1"], sc["next1"], sc["pch1"], sc["poffo1"],
             state.t - 1, p.decoder_gate, stamp0,
             own["d3"], own["d3mark"], own["d3list"], own["d2"], own["d2mark"], own["d2list"], own["d2pos"],
-            own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes, own["loc"],
+            own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes, own["loc"], self._d2p,
         )
         return offsets, pixels[:total].copy(), bboxes
 
@@ -1423,13 +1419,13 @@ class SparseSpikeSEG:
         t = state.t - 1
         n_lit = 0
         for k in range(n_cls):
-            sel = s3[s3 % n_cls == k] // n_cls
+            sel = s3 if n_cls == 1 else s3[s3 % n_cls == k] // n_cls
             if len(sel) == 0:
                 continue
             stamp = self._next_stamp(state)
             if p.decoder_gate:
                 ns = _mask_gated(
-                    np.ascontiguousarray(sel), len(sel), k, self._d3, self._d2, self._k1, g.w4, g.h4, g.w2, g.h, g.w,
+                    np.ascontiguousarray(sel), len(sel), k, self._d3, self._d2p, self._k1, g.w4, g.h4, g.w2, g.h, g.w,
                     sc["head2"], sc["hmark2"], sc["pbeg2"], sc["pch2"], sc["poffo2"],
                     sc["ppos1"], state.n_p1, sc["head1"], sc["next1"], sc["pch1"], sc["poffo1"],
                     t, stamp, sc["s3bits"], sc["d3q"], sc["d3qmark"], sc["sal"], sc["salmark"], sc["sallist"],

@@ -184,7 +184,8 @@ def _layer(
     """One conv + neuron layer, event-driven; returns the number of spikes written to ``spikes``.
 
     Scatter: ``I[oy, ox, co] += val * W[co, ci, ky, kx]`` at ``oy = y - ky + pad`` (conv2d
-    semantics), float64, for every active input.  ``wt`` is W as float64 (ci, K, K, co) so
+    semantics), float32 (exact: binary inputs, weights on the 2^-12 grid in [0, 1], at most
+    1,764 terms), for every active input.  ``wt`` is W as float32 (ci, K, K, co) so
     the innermost loop runs over contiguous output channels.  Touched 2-D positions are
     listed once per step (``mark == t``).  Then at touched positions only: replay the
     missed leak steps, apply this step's update in float32, threshold, reset.  Below
@@ -198,8 +199,8 @@ def _layer(
     # one output channel (Conv3, one class): the per-(ky, kx) mark test would cost as much as
     # the add, so first sum the kernels of all active channels at one input position (the
     # list is grouped by position (see _pool), channels of a position are adjacent), then scatter that sum once.
-    # Same float64 sums in another order: exact on the 2^-12 weight grid.
-    ksum = np.zeros(k_n * k_n) if co_n == 1 else np.zeros(0)
+    # Same sums in another order: exact on the 2^-12 weight grid.
+    ksum = np.zeros(k_n * k_n, np.float32) if co_n == 1 else np.zeros(0, np.float32)
     s_end = n_src if co_n == 1 else 0
     s = 0
     while s < s_end:
@@ -208,7 +209,7 @@ def _layer(
             ksum[j] = 0.0
         while s < n_src and src_pos[s] == p:
             ci = src_ch[s]
-            v = np.float64(src_val[s])
+            v = src_val[s]
             wb = ci * k_n * k_n
             for j in range(k_n * k_n):
                 ksum[_U(j)] += v * wf[_U(wb + j)]
@@ -234,7 +235,7 @@ def _layer(
         y = p // wi
         x = p - y * wi
         ci = src_ch[s]
-        v = np.float64(src_val[s])
+        v = src_val[s]
         for ky in range(k_n):
             oy = y - ky + pad
             if oy < 0 or oy >= ho:
@@ -1156,8 +1157,10 @@ class SparseSpikeSEG:
         f64 = np.float64
         # encoder: (ci, K, K, co) so the scatter's inner loop runs over contiguous outputs
         self._e1 = np.ascontiguousarray(w1n.transpose(1, 2, 3, 0).astype(f64))
-        self._e2 = np.ascontiguousarray(w2n.transpose(1, 2, 3, 0).astype(f64))
-        self._e3 = np.ascontiguousarray(w3n.transpose(1, 2, 3, 0).astype(f64))
+        # float32 currents: exact for Conv2/Conv3 (binary inputs, weights on the 2^-12 grid in
+        # [0, 1], at most 36 x 49 terms; see model.encoder.quantize_weights), half the bytes
+        self._e2 = np.ascontiguousarray(w2n.transpose(1, 2, 3, 0).astype(np.float32))
+        self._e3 = np.ascontiguousarray(w3n.transpose(1, 2, 3, 0).astype(np.float32))
         # decoder (transposed convs): W3 (k, K, K, 36), W2 (36, K, K, 4), K1 = sum_cin W1 (4, K, K)
         self._d3 = np.ascontiguousarray(w3n.transpose(0, 2, 3, 1).astype(f64))
         self._d2 = np.ascontiguousarray(w2n.transpose(0, 2, 3, 1).astype(f64))
@@ -1198,7 +1201,7 @@ class SparseSpikeSEG:
         }
         for i, ((a, b), c) in enumerate(zip(sizes, chans), start=1):
             if i > 1:  # Conv1 keeps its current and mark in the records (rec1)
-                sc[f"cur{i}"] = np.zeros(a * b * c, f64)
+                sc[f"cur{i}"] = np.zeros(a * b * c, np.float32)
                 sc[f"mark{i}"] = np.full(a * b, -1, i64)
             sc[f"touched{i}"] = np.zeros(a * b, i64)
             sc[f"spk{i}"] = np.zeros(a * b * c, i64)

@@ -143,13 +143,17 @@ def _ash(
     for tau in range(n_slots):
         slot[tau] = (newest - tau) % n_slots
     u = np.uint64  # unsigned indices: no negative-index wraparound (see model.sparse._U)
+    row0 = 0  # start of the row of the last pixel: supports run along rows, so divide only
+    yy = 0  # when the row changes (a runtime division costs ~25 cycles)
     for b in range(b_n):
         st = stamp0 + b
         for j in range(offsets[b], offsets[b + 1]):
             o = pixels[u(j)]
-            yy = o // w
+            if o < row0 or o >= row0 + w:
+                yy = o // w
+                row0 = yy * w
             y = yy >> 1
-            x = (o - yy * w) >> 1
+            x = (o - row0) >> 1
             if y >= h2 or x >= w2:
                 continue
             q = u(y * w2 + x)
@@ -371,10 +375,14 @@ def _group_stats(
             if labels[i] != g:
                 continue
             b = keep[i]
+            row0 = 0
+            y = 0
             for j in range(offsets[b], offsets[b + 1]):
                 o = pixels[j]
-                y = o // width
-                k = (y - y0) * bw + (o - y * width - x0)
+                if o < row0 or o >= row0 + width:  # divide only when the row changes
+                    y = o // width
+                    row0 = y * width
+                k = (y - y0) * bw + (o - row0 - x0)
                 if seen[k] == 0:
                     seen[k] = 1
                     area += 1

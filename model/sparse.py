@@ -452,12 +452,22 @@ def _pool(
     """
     n = 0
     npos = 0
+    # the layers emit the spikes of one position together: divide (~25 cycles each with a
+    # runtime divisor) only when the position changes
+    lo = 0
+    hi = 0
+    p = 0
+    y = 0
+    x = 0
     for j in range(ns):
         e = spikes[_U(j)]
-        p = e // c_n
-        c = e - p * c_n
-        y = p // w
-        x = p - y * w
+        if e < lo or e >= hi:
+            p = e // c_n
+            lo = p * c_n
+            hi = lo + c_n
+            y = p // w
+            x = p - y * w
+        c = e - lo
         py = y >> 1
         px = x >> 1
         if py >= hp or px >= wp:

@@ -714,6 +714,33 @@ def _mask_into(
     return n_lit
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _gather_cell(
+    beg: int, end: int, p2_off: np.ndarray, p2_ch: np.ndarray, v3s: np.ndarray, vb: int,
+    w2f: np.ndarray, by: int, bx: int,
+) -> tuple[float, float, float, float]:
+    """``sum_e v3s[vb + ci_e] * W2[ci_e, by - offy_e, bx - offx_e, c]`` for c = 0..3 over the P2
+    entries ``beg:end`` of one pool2 cell (contiguous), in the two gated decoders.
+
+    ``w2f``: W2 zero-padded to (36, 7, 7, 4), so ``ky, kx = by - offy + 1, bx - offx + 1`` lie in
+    0..6 and entries out of reach add exact zeros: the loop has no branch.
+    """
+    d0 = 0.0
+    d1 = 0.0
+    d2 = 0.0
+    d3 = 0.0
+    for e in range(beg, end):
+        off = p2_off[_U(e)]
+        ci = p2_ch[_U(e)]
+        v3 = v3s[_U(vb + ci)]
+        i2 = ((ci * 7 + by + 1 - (off >> 1)) * 7 + bx + 1 - (off & 1)) * 4
+        d0 += v3 * w2f[_U(i2)]
+        d1 += v3 * w2f[_U(i2 + 1)]
+        d2 += v3 * w2f[_U(i2 + 2)]
+        d3 += v3 * w2f[_U(i2 + 3)]
+    return d0, d1, d2, d3
+
+
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _mask_gated(
     spk_pos: np.ndarray, n_spk: int, k: int, w3t: np.ndarray, w2p: np.ndarray, k1t: np.ndarray,
@@ -789,16 +816,11 @@ def _mask_gated(
                             jx -= 1
                 by = ay - 2 * qy + 2
                 bx = ax - 2 * qx + 2
-                for e in range(p2_beg[_U(q)], p2_head[_U(q)] + 1):  # the cell's entries are contiguous
-                    # W2 zero-padded to 7 x 7: out-of-reach entries add exact zeros, no branch
-                    off = p2_off[_U(e)]
-                    ci = p2_ch[_U(e)]
-                    v3 = d3q[_U(qb + ci)]
-                    i2 = ((ci * 7 + by + 1 - (off >> 1)) * 7 + bx + 1 - (off & 1)) * 4
-                    d0 += v3 * w2f[_U(i2)]
-                    d1 += v3 * w2f[_U(i2 + 1)]
-                    d2 += v3 * w2f[_U(i2 + 2)]
-                    d3s += v3 * w2f[_U(i2 + 3)]
+                s0, s1, s2, s3 = _gather_cell(p2_beg[_U(q)], p2_head[_U(q)] + 1, p2_off, p2_ch, d3q, qb, w2f, by, bx)
+                d0 += s0
+                d1 += s1
+                d2 += s2
+                d3s += s3
         if d0 == 0.0 and d1 == 0.0 and d2 == 0.0 and d3s == 0.0:
             continue  # nothing reaches a (a zero scatter would light no pixel: cut >= 0)
         e = p1_head[a]
@@ -876,17 +898,11 @@ def _support_one(
                     by = ay - 2 * qy + 2
                     bx = ax - 2 * qx + 2
                     b3 = ((k * 7 + qy - sy + 3) * 7 + qx - sx + 3) * 36
-                    # ky, kx = by - offy + 1, bx - offx + 1 lie in 0..6: W2 zero-padded to 7 x 7
-                    # (out-of-reach entries add exact zeros), so the loop has no branch
-                    for e in range(p2_beg[_U(q)], p2_head[_U(q)] + 1):  # the cell's entries are contiguous
-                        off = p2_off[_U(e)]
-                        ci = p2_ch[_U(e)]
-                        v3 = w3f[_U(b3 + ci)]
-                        i2 = ((ci * 7 + by + 1 - (off >> 1)) * 7 + bx + 1 - (off & 1)) * 4
-                        d0 += v3 * w2f[_U(i2)]
-                        d1 += v3 * w2f[_U(i2 + 1)]
-                        d2 += v3 * w2f[_U(i2 + 2)]
-                        d3 += v3 * w2f[_U(i2 + 3)]
+                    s0, s1, s2, s3 = _gather_cell(p2_beg[_U(q)], p2_head[_U(q)] + 1, p2_off, p2_ch, w3f, b3, w2f, by, bx)
+                    d0 += s0
+                    d1 += s1
+                    d2 += s2
+                    d3 += s3
             e = p1_head[a]
             while e >= 0:
                 c = p1_ch[e]

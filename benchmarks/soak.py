@@ -15,8 +15,9 @@ shorter run):
 
 Prints a table and writes JSON (default ``runs/soak-YYYYmmdd-HHMMSS.json``); exit 0 when
 all checks pass, 1 otherwise.  ``--bin-us`` defaults to 5000 (200 steps/s): on 2 CPU cores
-the model does not sustain 1 kHz bins at 346x260 (about 250 steps/s unpaced), and a soak
-is about drift, not about the peak rate (``benchmarks/bench_e2e.py`` measures that).
+the model does not sustain 1 kHz bins at 346x260 beside the live source (the node alone runs
+~1,000 steps/s on the scene; beside the source ~84 % of 1 kHz bins are kept), and a soak is
+about drift, not about the peak rate (``benchmarks/bench_e2e.py`` measures that).
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ then pays for (benchmarks/README.md).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +31,14 @@ from stream.config import section
 from .conv1 import Conv1Kind
 
 Threshold = float | tuple[float, ...]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under ``taskset`` or a container)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _check_theta(name: str, value: Threshold, n_channels: int | None) -> None:
@@ -61,7 +70,9 @@ class ModelConfig:
     ``adapt.enabled``; chosen once per node; ``sparse_max_density`` is not read by the node),
     ``decode_threads`` (event-driven path: the step's mask and per-spike supports are decoded
     on this many threads, the model thread plus helpers; 1 = no helper thread, the default:
-    worth raising only when a core is otherwise idle),
+    worth raising only when a core is otherwise idle), ``overlap`` (event-driven path with
+    instances: within a micro-batch of queued steps, a helper thread runs step t's HULK-SMASH
+    while the model thread encodes step t + 1; same results, uses a second core),
     ``weights`` (checkpoint path; None = model/weights/default.pt), ``seed`` for the
     initialisation of untrained weights.
     """
@@ -93,6 +104,11 @@ class ModelConfig:
     # (2 cores, built-in scene, 346x260): model node alone 612 -> 695 steps/s with 2, but the
     # live pipeline dropped more bins with 2 (46 % -> 53-57 %) and `make demo` was unchanged
     decode_threads: int = 1
+    # "auto": on where this process may use >= 4 CPUs.  Measured on 2 cores (346x260, built-in
+    # scene): the node alone 830-1,130 -> 1,230-1,430 steps/s, but the live pipeline, whose
+    # second core runs the paced source, the sinks and the subscriber, dropped 41-52 % of its
+    # bins instead of 17-20 % (benchmarks/README.md, row u2)
+    overlap: Literal["auto"] | bool = "auto"
     weights: str | None = None
     seed: int = 42
 
@@ -128,6 +144,12 @@ class ModelConfig:
             raise ValueError(f"decode_threads={self.decode_threads} is not allowed; use 1..16 (1 = no helper thread)")
         if self.weights is not None and not self.weights.strip():
             raise ValueError("weights is an empty string; give a checkpoint path or leave it null")
+
+    def overlap_enabled(self) -> bool:
+        """Whether the node runs HULK-SMASH on a helper thread (``overlap``; ``auto``: >= 4 usable CPUs)."""
+        if self.overlap == "auto":
+            return usable_cpus() >= 4
+        return bool(self.overlap)
 
     @classmethod
     def from_paper(cls, name: str, **overrides: object) -> "ModelConfig":

@@ -49,7 +49,7 @@ from .checkpoint import DEFAULT_WEIGHTS, load_into
 from .config import ModelConfig
 from .decoder import MaskWindowState, decode_mask_crops, union_window_np, window_step, window_steps
 from .encoder import Encoder, EncoderOutput, EncoderState
-from .side import SideThreads
+from .side import Overlap, SideThreads
 from .sparse import SparseSpikeSEG
 
 # share of the decoded spikes given to the model thread, which also decodes the joint mask
@@ -152,6 +152,7 @@ class ModelNode(Transform):
                 raise UsageError(f"config 'model': {e}") from None
         self._sparse_model: SparseSpikeSEG | None = None
         self._side: SideThreads | None = None
+        self._overlap: Overlap | None = None
         self._adapter_open = False
         self.encoder: Encoder | None = None
         self.checkpoint_metadata: dict[str, Any] = {}
@@ -173,6 +174,8 @@ class ModelNode(Transform):
         if self._path == "sparse":
             self._sparse_model = SparseSpikeSEG.from_encoder(enc)
             self._side = SideThreads(self.mc.decode_threads)
+            if self.mc.overlap_enabled() and self._inst_params is not None:
+                self._overlap = Overlap()
             self._warm_up()
         if self.adapter is not None:
             self.adapter.open(ctx, self.encoder)
@@ -218,6 +221,9 @@ class ModelNode(Transform):
             if self._side is not None:
                 self._side.close()
                 self._side = None
+            if self._overlap is not None:
+                self._overlap.close()
+                self._overlap = None
             self.encoder = None
             self._sparse_model = None
             self.reset()
@@ -227,6 +233,7 @@ class ModelNode(Transform):
         self._enc_state: EncoderState | None = None
         self._sp_state: Any = None
         self._side_scratch: list[dict[str, np.ndarray]] = []
+        self._ov_scratch: dict[str, np.ndarray] | None = None
         self._win_state: MaskWindowState | None = None
         self._sp_win: _SparseWindow | None = None
         self._inst_state: inst.InstanceState | None = None
@@ -253,6 +260,8 @@ class ModelNode(Transform):
             self._check(s)
         with torch.inference_mode():
             if self._path == "sparse":
+                if self._overlap is not None and len(steps) > 1:
+                    return self._sparse_overlapped(steps)
                 return [self._sparse_one(s) for s in steps]
             if self._windowed and len(steps) > 1:
                 return self._dense_window(steps)
@@ -270,18 +279,69 @@ class ModelNode(Transform):
             )
 
     # sparse ----------------------------------------------------------------------------
-    def _sparse_one(self, step: Step) -> MaskResult:
+    def _sparse_encode(self, step: Step) -> Any:
+        """The encoder step of the event-driven path (no decode yet); the state advances."""
         spm = self._sparse_model
         assert spm is not None  # set by open() for the sparse path (internal invariant)
-        mc = self.mc
         if self._sp_state is None:
-            self._sp_state = spm.fresh_state(self.size.height, self.size.width)
+            banks = 2 if self._overlap is not None else 1
+            self._sp_state = spm.fresh_state(self.size.height, self.size.width, banks=banks)
         if self._use_events(step):
             # the bin's events give the same active-input list as the frame (verified once per
             # stream), in ~2 us instead of a ~70 us scan of the 2 x H x W frame at 346x260
             sout, self._sp_state = spm.step(None, self._sp_state, events=step.events, decode=False)
         else:
             sout, self._sp_state = spm.step(step.frame, self._sp_state, decode=False)
+        return sout
+
+    def _sparse_overlapped(self, steps: list[Step]) -> list[MaskResult]:
+        """The micro-batch as a two-stage pipeline on two threads; same results as :meth:`_sparse_one` per step.
+
+        The model thread runs step t + 1's encoder, joint mask and window while the helper
+        (:class:`model.side.Overlap`) runs step t's HULK-SMASH: per-spike supports, ASH,
+        grouping, tracking.  The helper reads step t's pooling lists from their own bank
+        (two banks: step t + 1 writes the other; step t + 2 reuses this one only after the
+        result of step t was taken) and decodes with its own scratch; it alone touches the
+        instance state, in step order.  Results come out in step order.
+        """
+        spm, ip, ov = self._sparse_model, self._inst_params, self._overlap
+        assert spm is not None and ip is not None and ov is not None  # process_batch's condition
+        results: list[MaskResult] = []
+        pending: tuple[Step, Any, np.ndarray] | None = None
+        try:
+            for step in steps:
+                sout = self._sparse_encode(step)
+                st = self._sp_state
+                if self._ov_scratch is None:
+                    self._ov_scratch = spm.decode_scratch(st)
+                spikes, skipped = inst.select_spikes(sout.s3, ip.max_spikes)
+                ref = st.ref
+                sout = spm.decode_mask(sout, st)
+                mask = self._sparse_window(sout)
+                if pending is not None:
+                    results.append(self._sparse_result(*pending, ov.result()))
+                ov.submit(lambda sout=sout, spikes=spikes, skipped=skipped, ref=ref, st=st:
+                          self._instances_job(spm, st, sout, spikes, skipped, ref))
+                pending = (step, sout, mask)
+            if pending is not None:
+                results.append(self._sparse_result(*pending, ov.result()))
+        finally:
+            ov.drain()  # after an error: the helper must be idle before anyone touches the state
+        return results
+
+    def _instances_job(self, spm: SparseSpikeSEG, st: Any, sout: Any, spikes: np.ndarray, skipped: int, ref: Any) -> list[Instance]:
+        """HULK-SMASH of one step on the overlap helper (its own scratch, the step's bank ``ref``)."""
+        ip = self._inst_params
+        assert ip is not None and self._ov_scratch is not None
+        sup = spm.spike_supports(st, spikes, self._ov_scratch, at=ref) if len(spikes) else inst.empty_supports()
+        found, self._inst_state = inst.sparse_instances(spm, st, sout, self._inst_state, ip,
+                                                        supports=(spikes, sup, skipped))
+        return list(found)
+
+    def _sparse_one(self, step: Step) -> MaskResult:
+        spm = self._sparse_model
+        assert spm is not None  # set by open() for the sparse path (internal invariant)
+        sout = self._sparse_encode(step)
         instances: list[Instance] = []
         ip = self._inst_params
         if ip is None:
@@ -292,7 +352,11 @@ class ModelNode(Transform):
             found, self._inst_state = inst.sparse_instances(spm, self._sp_state, sout, self._inst_state, ip,
                                                             supports=(spikes, sup, skipped))
             instances = list(found)
-        n3 = sout.layer_spikes["conv3"]
+        return self._sparse_result(step, sout, self._sparse_window(sout), instances)
+
+    def _sparse_window(self, sout: Any) -> np.ndarray:
+        """The published mask: the step's raw mask through the mask window (a new array)."""
+        mc = self.mc
         if mc.mask_window > 1 and mc.mask_window_mode == "union":
             h, w = sout.mask.shape
             if self._sp_win is None:
@@ -311,7 +375,12 @@ class ModelNode(Transform):
                 mc.n_classes,
             )
             mask = m.numpy()
-        counts = {"conv1": int(sout.layer_spikes["conv1"]), "conv2": int(sout.layer_spikes["conv2"]), "conv3": int(n3)}
+        return mask
+
+    @staticmethod
+    def _sparse_result(step: Step, sout: Any, mask: np.ndarray, instances: list[Instance]) -> MaskResult:
+        ls = sout.layer_spikes
+        counts = {"conv1": int(ls["conv1"]), "conv2": int(ls["conv2"]), "conv3": int(ls["conv3"])}
         return MaskResult(step=step, mask=mask, instances=instances, layer_spikes=counts,
                           model_done_ns=time.perf_counter_ns())
 

@@ -86,3 +86,62 @@ class SideThreads:
             th.join(timeout=5.0)
         self._inbox.clear()
         self._threads.clear()
+
+
+class Overlap:
+    """One persistent helper thread that runs jobs in submission order while the caller goes on.
+
+    The node's two-stage pipeline over a micro-batch: the model thread encodes step t + 1 while
+    the helper runs step t's HULK-SMASH.  :meth:`submit` queues a job and returns at once;
+    :meth:`result` waits for the oldest unfinished job and returns its value, or re-raises its
+    exception in the caller.  Each job must only touch what no concurrent code writes (the
+    node gives it a bank of pooling lists and decode scratch of its own).  A ``SimpleQueue``
+    hand-off costs ~10-30 us against ~0.4 ms of work per job at 346x260.
+    """
+
+    def __init__(self) -> None:
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.pending = 0
+
+    def _loop(self) -> None:
+        while True:
+            job = self._inbox.get()
+            if job is _STOP:
+                return
+            try:
+                self._done.put((True, job()))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, re-raised there
+                self._done.put((False, e))
+
+    def submit(self, job: Job) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="spikestream-overlap", daemon=True)
+            self._thread.start()
+        self._inbox.put(job)
+        self.pending += 1
+
+    def result(self) -> Any:
+        """The oldest pending job's value (waits for it); its exception is raised here."""
+        if self.pending == 0:
+            raise RuntimeError("Overlap.result() without a pending job")
+        ok, value = self._done.get()
+        self.pending -= 1
+        if not ok:
+            raise value
+        return value
+
+    def drain(self) -> None:
+        """Wait for every pending job, dropping results and exceptions (cleanup after an error)."""
+        while self.pending:
+            self._done.get()
+            self.pending -= 1
+
+    def close(self) -> None:
+        """Finish pending jobs, stop and join the thread (idempotent)."""
+        self.drain()
+        if self._thread is not None:
+            self._inbox.put(_STOP)
+            self._thread.join(timeout=5.0)
+            self._thread = None

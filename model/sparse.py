@@ -956,6 +956,7 @@ def _decode_batch(
     d2: np.ndarray, d2mark: np.ndarray, d2list: np.ndarray, d2pos: np.ndarray,
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
     offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, loc: np.ndarray, w2p: np.ndarray,
+    w3g: np.ndarray,
 ) -> int:
     """Decode each S3 spike on its own (one-hot S3), all B spikes in one call.
 
@@ -973,7 +974,7 @@ def _decode_batch(
         k = e - one[0] * n_cls
         offsets[b] = total
         if gate:
-            total = _support_one(one[0], k, w3t, w2p, k1t, w4, h2, w2, h, w,
+            total = _support_one(one[0], k, w3g, w2p, k1t, w4, h2, w2, h, w,
                                  p2_head, p2_hmark, p2_beg, p2_ch, p2_off,
                                  p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, cut, loc, pixels, total, bboxes[b])
             continue
@@ -1110,6 +1111,28 @@ class SparseState:
     n_p1: int = 0
     scratch: dict[str, np.ndarray] = field(default_factory=dict)
     rec1: np.ndarray | None = None  # Conv1 state as C1_DTYPE records; v[0] and last[0] are views of it
+    #: the pooling lists that the decoders read (:data:`BANK_KEYS`), one set per bank; step ``t``
+    #: writes bank ``t % len(banks)``.  Two banks let one thread decode step t (per-spike
+    #: supports, :meth:`SparseSpikeSEG.spike_supports` with its :class:`PoolRef`) while
+    #: another runs step t + 1.
+    banks: list[dict[str, np.ndarray]] = field(default_factory=list)
+    ref: "PoolRef | None" = None  # the last step's pooling lists
+
+
+#: Pooling outputs a decode reads after the step (per layer 1, 2); the rest of the pooling
+#: scratch is only used inside ``_pool`` and is shared by the banks.
+BANK_KEYS = ("head", "hmark", "next", "pbeg", "ppos", "pch", "pval", "poffo")
+
+
+class PoolRef(NamedTuple):
+    """One step's pooling lists, for decoding that step: its index ``t`` (the marks in
+    ``bank`` equal ``t`` where that step pooled a spike), the bank and the entry counts.
+    Valid until step ``t + len(state.banks)`` overwrites the bank."""
+
+    t: int
+    bank: dict[str, np.ndarray]
+    n_p1: int
+    n_p2: int
 
 
 class SparseOutput(NamedTuple):
@@ -1134,13 +1157,13 @@ class SparseOutput(NamedTuple):
     lit: np.ndarray
 
 
-def _entries(sc: dict[str, np.ndarray], layer: str, n: int) -> np.ndarray:
+def _entries(pb: dict[str, np.ndarray], layer: str, n: int) -> np.ndarray:
     """(n, 3) int64 pooled entries (position, channel, window offset) of pool ``layer``
     (column writes: ``np.stack`` cost ~18 µs of Python per call)."""
     out = np.empty((n, 3), np.int64)
-    out[:, 0] = sc["ppos" + layer][:n]
-    out[:, 1] = sc["pch" + layer][:n]
-    out[:, 2] = sc["poffo" + layer][:n]
+    out[:, 0] = pb["ppos" + layer][:n]
+    out[:, 1] = pb["pch" + layer][:n]
+    out[:, 2] = pb["poffo" + layer][:n]
     return out
 
 
@@ -1192,6 +1215,11 @@ class SparseSpikeSEG:
         self._d2 = np.ascontiguousarray(w2n.transpose(0, 2, 3, 1).astype(f64))
         self._d2p = np.zeros((self._d2.shape[0], 7, 7, self._d2.shape[3]), f64)  # zero border: branch-free gathers
         self._d2p[:, 1:6, 1:6, :] = self._d2
+        # float32 copies for the per-spike gathers: a W3 x W2 product of two values on the
+        # 2^-12 grid in [0, 1] has <= 24 significant bits, so it is exact in float32 and only
+        # the sums need float64; half the bytes keeps the 28 KB W2 table in L1
+        self._d2pf = self._d2p.astype(np.float32)
+        self._d3f = self._d3.astype(np.float32)
         self._k1 = np.ascontiguousarray(w1n.astype(f64).sum(axis=1)[..., None])
         self._th = [np.asarray(getattr(p, f"theta{i}"), dtype=np.float32) for i in (1, 2, 3)]
         mode = LEAK_CODES[p.leak]
@@ -1201,8 +1229,13 @@ class SparseSpikeSEG:
         self._exact = tuple(exact_leak_limit(float(lam)) for lam in self._lams)
 
     # ------------------------------------------------------------------ state
-    def fresh_state(self, height: int, width: int) -> SparseState:
-        """All-zero state for an ``height`` x ``width`` sensor (H, W >= 4)."""
+    def fresh_state(self, height: int, width: int, banks: int = 1) -> SparseState:
+        """All-zero state for an ``height`` x ``width`` sensor (H, W >= 4).
+
+        ``banks`` = 2 keeps two sets of pooling lists (:class:`PoolRef`), so that a step's
+        supports can be decoded while the next step runs (~12 MB more at 346x260)."""
+        if banks not in (1, 2):
+            raise ValueError(f"banks={banks} is not allowed; use 1 or 2")
         if height < 4 or width < 4:
             raise ValueError(f"sensor {width}x{height} is too small; the model needs H, W >= 4")
         h, w = height, width
@@ -1263,7 +1296,10 @@ class SparseSpikeSEG:
         sc["best"] = np.zeros(h * w, f64)
         sc["bestmark"] = np.full(h * w, -1, i64)
         sc["lit"] = np.zeros(h * w, i64)
-        return SparseState(grid=g, v=v, last=last, fired=fired, scratch=sc, rec1=rec1)
+        bank0 = {f"{k}{i}": sc[f"{k}{i}"] for k in BANK_KEYS for i in (1, 2)}
+        more = [{k: np.full_like(a, -1) if k.startswith("hmark") else np.zeros_like(a) for k, a in bank0.items()}
+                for _ in range(banks - 1)]
+        return SparseState(grid=g, v=v, last=last, fired=fired, scratch=sc, rec1=rec1, banks=[bank0, *more])
 
     # ------------------------------------------------------------------ step
     def step(
@@ -1312,32 +1348,34 @@ class SparseSpikeSEG:
                 sc["count"], sc["a_pos"], sc["a_ch"], sc["a_val"],
             )
         t = state.t
+        pb = state.banks[t % len(state.banks)]
         fo = p.fire_once
         n1 = _layer_c1(sc["a_pos"], sc["a_ch"], sc["a_val"], n_in, g.w, self._e1, g.h, g.w,
                        state.rec1, state.fired[0], sc["touched1"], t,
                        self._th[0], self._modes[0], self._lams[0], self._betas[0], self._exact[0], fo, sc["spk1"])
         np1 = _pool(sc["spk1"], n1, 4, g.w, g.h2, g.w2, t, sc["pmark1"], sc["poff1"], sc["plist1"],
-                    sc["head1"], sc["hmark1"], sc["next1"], sc["ppos1"], sc["pch1"], sc["pval1"], sc["poffo1"],
-                    sc["qlist1"], sc["lnk1"], sc["pbeg1"])
-        n2 = _layer(sc["ppos1"], sc["pch1"], sc["pval1"], np1, g.w2, self._e2, 2, g.h2, g.w2,
+                    pb["head1"], pb["hmark1"], pb["next1"], pb["ppos1"], pb["pch1"], pb["pval1"], pb["poffo1"],
+                    sc["qlist1"], sc["lnk1"], pb["pbeg1"])
+        n2 = _layer(pb["ppos1"], pb["pch1"], pb["pval1"], np1, g.w2, self._e2, 2, g.h2, g.w2,
                     sc["cur2"], state.v[1], state.last[1], state.fired[1], sc["mark2"], sc["touched2"], t,
                     self._th[1], self._modes[1], self._lams[1], self._betas[1], self._exact[1], fo, sc["spk2"])
         np2 = _pool(sc["spk2"], n2, 36, g.w2, g.h4, g.w4, t, sc["pmark2"], sc["poff2"], sc["plist2"],
-                    sc["head2"], sc["hmark2"], sc["next2"], sc["ppos2"], sc["pch2"], sc["pval2"], sc["poffo2"],
-                    sc["qlist2"], sc["lnk2"], sc["pbeg2"])
-        n3 = _layer(sc["ppos2"], sc["pch2"], sc["pval2"], np2, g.w4, self._e3, 3, g.h4, g.w4,
+                    pb["head2"], pb["hmark2"], pb["next2"], pb["ppos2"], pb["pch2"], pb["pval2"], pb["poffo2"],
+                    sc["qlist2"], sc["lnk2"], pb["pbeg2"])
+        n3 = _layer(pb["ppos2"], pb["pch2"], pb["pval2"], np2, g.w4, self._e3, 3, g.h4, g.w4,
                     sc["cur3"], state.v[2], state.last[2], state.fired[2], sc["mark3"], sc["touched3"], t,
                     self._th[2], self._modes[2], self._lams[2], self._betas[2], self._exact[2], fo, sc["spk3"])
         s3 = np.sort(sc["spk3"][:n3])
         state.n_p2 = int(np2)
         state.n_p1 = int(np1)
+        state.ref = PoolRef(t, pb, int(np1), int(np2))
         mask = np.zeros((g.h, g.w), np.uint8)
         state.t = t + 1
         n_lit = self._decode_mask(s3, mask, state) if n3 and decode else 0
         return SparseOutput(
             s1=sc["spk1"][:n1].copy(), s2=sc["spk2"][:n2].copy(), s3=s3,
-            p1=_entries(sc, "1", np1),
-            p2=_entries(sc, "2", np2),
+            p1=_entries(pb, "1", np1),
+            p2=_entries(pb, "2", np2),
             mask=mask,
             layer_spikes={"conv1": int(n1), "pool1": int(np1), "conv2": int(n2), "pool2": int(np2), "conv3": int(n3)},
             t=t,
@@ -1345,6 +1383,12 @@ class SparseSpikeSEG:
         ), state
 
     # ------------------------------------------------------------------ decoder
+    @staticmethod
+    def _ref(state: SparseState) -> PoolRef:
+        if state.ref is None:
+            raise ValueError("no step to decode yet; call step() first")
+        return state.ref
+
     def _next_stamp(self, state: SparseState) -> int:
         state.stamp += 1
         return state.stamp
@@ -1361,14 +1405,15 @@ class SparseSpikeSEG:
         """
         g = state.grid
         sc = state.scratch
-        t = state.t - 1
+        ref = self._ref(state)
+        pb = ref.bank
         pos = np.ascontiguousarray(positions, dtype=np.int64)
         stamp = self._next_stamp(state)
         nd, ns = _decode(
             pos, len(pos), int(cls), self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,
-            sc["head2"], sc["hmark2"], sc["next2"], sc["ppos2"], sc["pch2"], sc["poffo2"], state.n_p2,
-            sc["head1"], sc["hmark1"], sc["next1"], sc["pch1"], sc["poffo1"],
-            t, self.params.decoder_gate, stamp,
+            pb["head2"], pb["hmark2"], pb["next2"], pb["ppos2"], pb["pch2"], pb["poffo2"], ref.n_p2,
+            pb["head1"], pb["hmark1"], pb["next1"], pb["pch1"], pb["poffo1"],
+            ref.t, self.params.decoder_gate, stamp,
             sc["d3"], sc["d3mark"], sc["d3list"], sc["d2"], sc["d2mark"], sc["d2list"], sc["d2pos"],
             sc["sal"], sc["salmark"], sc["sallist"],
         )
@@ -1393,7 +1438,8 @@ class SparseSpikeSEG:
         return own
 
     def spike_supports(
-        self, state: SparseState, spikes: np.ndarray, scratch: dict[str, np.ndarray] | None = None
+        self, state: SparseState, spikes: np.ndarray, scratch: dict[str, np.ndarray] | None = None,
+        at: PoolRef | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-spike decoded supports for the step just run (HULK: one-hot S3 per spike).
 
@@ -1405,9 +1451,14 @@ class SparseSpikeSEG:
         ``scratch``: buffers from :meth:`decode_scratch`, so that this call may run on
         another thread concurrently with :meth:`decode_mask` or another ``spike_supports``
         with its own scratch (the step's pooling lists are only read); None = the state's.
+        ``at``: the step to decode (``state.ref`` just after its :meth:`step`); None = the
+        last step.  With two banks (``fresh_state(..., banks=2)``) and its own scratch, this
+        may run while the next :meth:`step` runs on another thread.
         """
         g = state.grid
         sc = state.scratch
+        ref = self._ref(state) if at is None else at
+        pb = ref.bank
         own = sc if scratch is None else scratch
         p = self.params
         spk = np.ascontiguousarray(spikes, dtype=np.int64)
@@ -1428,11 +1479,12 @@ class SparseSpikeSEG:
         total = _decode_batch(
             spk, self.n_classes, float(p.decoder_threshold) + float(p.decoder_eps),
             self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,
-            sc["head2"], sc["hmark2"], sc["next2"], sc["ppos2"], sc["pch2"], sc["poffo2"], state.n_p2, sc["pbeg2"],
-            sc["head1"], sc["hmark1"], sc["next1"], sc["pch1"], sc["poffo1"],
-            state.t - 1, p.decoder_gate, stamp0,
+            pb["head2"], pb["hmark2"], pb["next2"], pb["ppos2"], pb["pch2"], pb["poffo2"], ref.n_p2, pb["pbeg2"],
+            pb["head1"], pb["hmark1"], pb["next1"], pb["pch1"], pb["poffo1"],
+            ref.t, p.decoder_gate, stamp0,
             own["d3"], own["d3mark"], own["d3list"], own["d2"], own["d2mark"], own["d2list"], own["d2pos"],
-            own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes, own["loc"], self._d2p,
+            own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes, own["loc"], self._d2pf,
+            self._d3f,
         )
         return offsets, pixels[:total].copy(), bboxes
 
@@ -1445,7 +1497,9 @@ class SparseSpikeSEG:
         stamp0 = self._next_stamp(state)
         n_cls = self.n_classes
         flat = mask.reshape(-1)
-        t = state.t - 1
+        ref = self._ref(state)
+        pb = ref.bank
+        t = ref.t
         n_lit = 0
         for k in range(n_cls):
             sel = s3 if n_cls == 1 else s3[s3 % n_cls == k] // n_cls
@@ -1455,8 +1509,8 @@ class SparseSpikeSEG:
             if p.decoder_gate:
                 ns = _mask_gated(
                     np.ascontiguousarray(sel), len(sel), k, self._d3, self._d2p, self._k1, g.w4, g.h4, g.w2, g.h, g.w,
-                    sc["head2"], sc["hmark2"], sc["pbeg2"], sc["pch2"], sc["poffo2"],
-                    sc["ppos1"], state.n_p1, sc["head1"], sc["next1"], sc["pch1"], sc["poffo1"],
+                    pb["head2"], pb["hmark2"], pb["pbeg2"], pb["pch2"], pb["poffo2"],
+                    pb["ppos1"], ref.n_p1, pb["head1"], pb["next1"], pb["pch1"], pb["poffo1"],
                     t, stamp, sc["s3bits"], sc["d3q"], sc["d3qmark"], sc["sal"], sc["salmark"], sc["sallist"],
                 )
                 n_lit = _mask_into(flat, sc["best"], sc["bestmark"], stamp0, k, sc["sal"], sc["sallist"], ns, cut,
@@ -1464,8 +1518,8 @@ class SparseSpikeSEG:
                 continue
             _nd, ns = _decode(
                 sel, len(sel), k, self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,
-                sc["head2"], sc["hmark2"], sc["next2"], sc["ppos2"], sc["pch2"], sc["poffo2"], state.n_p2,
-                sc["head1"], sc["hmark1"], sc["next1"], sc["pch1"], sc["poffo1"],
+                pb["head2"], pb["hmark2"], pb["next2"], pb["ppos2"], pb["pch2"], pb["poffo2"], ref.n_p2,
+                pb["head1"], pb["hmark1"], pb["next1"], pb["pch1"], pb["poffo1"],
                 t, p.decoder_gate, stamp,
                 sc["d3"], sc["d3mark"], sc["d3list"], sc["d2"], sc["d2mark"], sc["d2list"], sc["d2pos"],
                 sc["sal"], sc["salmark"], sc["sallist"],

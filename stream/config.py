@@ -70,6 +70,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except UsageError as e:
                 errors.append(str(e))
+        if len(errors) > 1:  # name every accepted form, not only the first one tried
+            reasons = [e.split(": ", 1)[-1] for e in errors]
+            raise UsageError(f"{where}: {value!r} is not allowed ({'; or '.join(reasons)})")
         raise UsageError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is Literal:
         allowed = get_args(tp)

@@ -202,6 +202,92 @@ def test_side_threads_run_jobs_in_order_and_raise_helper_errors() -> None:
         SideThreads(0)
 
 
+def test_overlap_gives_the_same_masks_instances_and_counts_across_batches_and_resets() -> None:
+    """HULK-SMASH on the helper thread (model.overlap: true) == sequential, whatever the batching."""
+    steps = _steps(30)
+    seq = _node(path="sparse", overlap=False)
+    ovl = _node(path="sparse", overlap=True)
+    try:
+        assert seq._overlap is None and ovl._overlap is not None
+        a = seq.process_batch(steps[:20])
+        # batches of 1 (sequential inside), 2 (one overlap) and 17 (many), carried state between
+        b = ovl.process_batch(steps[:1]) + ovl.process_batch(steps[1:3]) + ovl.process_batch(steps[3:20])
+        assert _summary(a) == _summary(b)
+        assert [r.instances for r in a] == [r.instances for r in b]
+        assert sum(len(r.instances) for r in a) > 5 and sum(r.layer_spikes["conv3"] for r in a) > 20
+        # a reset mid-stream drops the state of both (tracks, history, membranes) the same way
+        seq.process(StreamReset("test"))
+        ovl.process(StreamReset("test"))
+        a2, b2 = seq.process_batch(steps[20:]), ovl.process_batch(steps[20:])
+        assert _summary(a2) == _summary(b2) and [r.instances for r in a2] == [r.instances for r in b2]
+    finally:
+        seq.close()
+        ovl.close()
+    assert ovl._overlap is None  # the helper thread is stopped
+
+
+def test_overlap_helper_error_reaches_the_caller_and_the_node_goes_on(monkeypatch) -> None:
+    node = _node(path="sparse", overlap=True)
+    steps = _steps(8)
+    try:
+        calls = {"n": 0}
+        real = node._instances_job
+
+        def flaky(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise ValueError("instances failed")
+            return real(*a, **k)
+
+        monkeypatch.setattr(node, "_instances_job", flaky)
+        with pytest.raises(ValueError, match="instances failed"):
+            node.process_batch(steps[:6])
+        assert node._overlap is not None and node._overlap.pending == 0  # the helper is idle again
+        node.reset()
+        assert len(node.process_batch(steps)) == 8
+    finally:
+        node.close()
+
+
+def test_overlap_auto_follows_the_usable_cpus(monkeypatch) -> None:
+    import model.config as mcfg
+
+    mc = build(ModelConfig, {"overlap": "auto"})
+    monkeypatch.setattr(mcfg, "usable_cpus", lambda: 2)
+    assert mc.overlap_enabled() is False
+    monkeypatch.setattr(mcfg, "usable_cpus", lambda: 4)
+    assert mc.overlap_enabled() is True
+    assert build(ModelConfig, {"overlap": True}).overlap_enabled() is True
+    with pytest.raises(UsageError, match="model.overlap: 'yes' is not allowed.*auto.*true/false"):
+        build(ModelConfig, {"overlap": "yes"}, "model")
+
+
+def test_overlap_thread_keeps_order_and_raises_in_the_caller() -> None:
+    from model.side import Overlap
+
+    ov = Overlap()
+    try:
+        for k in range(5):
+            ov.submit(lambda k=k: k * k)
+        assert [ov.result() for _ in range(5)] == [0, 1, 4, 9, 16]
+
+        def boom() -> int:
+            raise ValueError("helper failed")
+
+        ov.submit(boom)
+        ov.submit(lambda: "after")
+        with pytest.raises(ValueError, match="helper failed"):
+            ov.result()
+        assert ov.result() == "after"
+        with pytest.raises(RuntimeError, match="without a pending job"):
+            ov.result()
+        ov.submit(boom)
+        ov.drain()  # drops the failure: cleanup after an error elsewhere
+        assert ov.pending == 0
+    finally:
+        ov.close()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_requested_without_cuda_is_a_node_error() -> None:
     node = build_model_node(_config(), SIZE, 2, "cuda")

@@ -270,3 +270,31 @@ def test_bad_input_and_params_are_loud() -> None:
     _o, st = sp.step(np.zeros((2, 16, 16), np.float32), None)
     with pytest.raises(ValueError, match="differs"):
         sp.step(np.zeros((2, 16, 20), np.float32), st)
+
+
+def test_two_banks_keep_a_step_decodable_while_the_next_runs() -> None:
+    """With banks=2, step t's supports (``at=ref``) are the same after step t + 1 ran as right after step t."""
+    cfg, enc, sp = _pair({"conv1_gain": 40.0})
+    rng = np.random.default_rng(3)
+    frames = [_scene(t, 48, 64, rng, noise=0.0) for t in range(12)]
+    one, two = None, sp.fresh_state(48, 64, banks=2)
+    checked = 0
+    prev: tuple | None = None
+    for f in frames:
+        out1, one = sp.step(f, one, decode=False)
+        out2, two = sp.step(f, two, decode=False)
+        assert len(two.banks) == 2 and len(one.banks) == 1
+        if prev is not None:  # the previous step, decoded after this one ran (its bank is intact)
+            ref, spikes, expect = prev
+            got = sp.spike_supports(two, spikes, sp.decode_scratch(two), at=ref)
+            assert all(np.array_equal(a, b) for a, b in zip(got, expect))
+            checked += len(spikes) > 0
+        spikes = out1.s3[:8]
+        expect = sp.spike_supports(one, spikes)  # single bank: right after its step
+        assert all(np.array_equal(a, b) for a, b in zip(sp.spike_supports(two, spikes), expect))
+        prev = (two.ref, spikes, expect)
+    assert checked >= 5
+    with pytest.raises(ValueError, match="banks=3 is not allowed"):
+        sp.fresh_state(48, 64, banks=3)
+    with pytest.raises(ValueError, match="no step to decode yet"):
+        sp.spike_supports(sp.fresh_state(48, 64), np.zeros(1, np.int64))

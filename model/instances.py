@@ -40,6 +40,8 @@ from numba import njit
 
 from stream.events import Instance
 
+from .sparse import _decode_batch
+
 MAX_SPIKES = 64
 N_FEATURES = 36
 
@@ -493,6 +495,71 @@ def sparse_instances(
     state.skipped_spikes = skipped
     classes = spikes % model.n_classes + 1
     return instances_step(sup, classes, out.s2, g.w, state, params)
+
+
+def sparse_hulk(
+    model: Any, sstate: Any, out: Any, state: InstanceState | None, params: InstanceParams,
+    spikes: np.ndarray, skipped: int, scratch: dict[str, np.ndarray] | None = None, at: Any = None,
+) -> tuple[list[Instance], InstanceState]:
+    """:func:`sparse_instances` for ``spikes`` (= ``select_spikes(out.s3, params.max_spikes)``)
+    with the supports, the Conv2 history, ASH and SMASH grouping in ONE compiled call
+    (:func:`_hulk`); only the id tracking is Python.  Same objects, ids and state as
+    :func:`sparse_instances`.  ``scratch``/``at``: as :meth:`SparseSpikeSEG.spike_supports`
+    (a helper thread decoding a step while the next one runs)."""
+    g = sstate.grid
+    if state is None:
+        state = fresh_instance_state(g.h, g.w, params)
+    if state.qmark is None:
+        state.qmark = np.full(state.h2 * state.w2, -1, np.int64)
+    args, (offsets, _pixels, _bboxes) = model.supports_args(sstate, spikes, scratch, at)
+    n = state.hist.shape[1]
+    slot = (state.slot + 1) % n
+    classes = np.ascontiguousarray(spikes % model.n_classes + 1, dtype=np.int64)
+    n_written, groups = _hulk(
+        *args, state.hist, slot, state.written[slot], int(state.n_written[slot]),
+        np.ascontiguousarray(out.s2, dtype=np.int64), state.qmark, state.qstamp, classes, float(params.smash_tau),
+    )
+    state.n_written[slot] = n_written
+    state.slot = slot
+    state.skipped_spikes = skipped
+    if len(spikes) == 0:
+        state.tracks = []
+        return [], state
+    state.qstamp += len(offsets)
+    objs = [(int(r[0]), (int(r[1]), int(r[2]), int(r[3]), int(r[4])), int(r[5])) for r in groups.tolist()]
+    return track(objs, state, params.track_iou), state
+
+
+@njit(cache=True, nogil=True)
+def _hulk(
+    spikes: np.ndarray, n_cls: int, cut: float, w3t: np.ndarray, w2t: np.ndarray, k1t: np.ndarray,
+    w4: int, h2: int, w2: int, h: int, w: int,
+    p2_head: np.ndarray, p2_hmark: np.ndarray, p2_next: np.ndarray, p2_pos: np.ndarray, p2_ch: np.ndarray,
+    p2_off: np.ndarray, n_p2: int, p2_beg: np.ndarray,
+    p1_head: np.ndarray, p1_hmark: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
+    t: int, gate: bool, stamp0: int,
+    d3: np.ndarray, d3mark: np.ndarray, d3list: np.ndarray,
+    d2: np.ndarray, d2mark: np.ndarray, d2list: np.ndarray, d2pos: np.ndarray,
+    sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
+    offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, loc: np.ndarray, w2p: np.ndarray, w3g: np.ndarray,
+    hist: np.ndarray, slot: int, written: np.ndarray, n_old: int, s2: np.ndarray,
+    qmark: np.ndarray, qstamp: int, classes: np.ndarray, tau: float,
+) -> tuple[int, np.ndarray]:
+    """Per-spike supports (``model.sparse._decode_batch``), the Conv2 history push
+    (:func:`_record`), ASH (:func:`_ash`) and SMASH grouping (:func:`_group_all`) as one
+    compiled call: one dispatch and one GIL release per step instead of four (on the node's
+    helper thread every kernel return waited for the GIL held by the model thread).
+    Returns (positions written in ``slot``, the groups of :func:`_group_all`)."""
+    _decode_batch(spikes, n_cls, cut, w3t, w2t, k1t, w4, h2, w2, h, w,
+                  p2_head, p2_hmark, p2_next, p2_pos, p2_ch, p2_off, n_p2, p2_beg,
+                  p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, gate, stamp0,
+                  d3, d3mark, d3list, d2, d2mark, d2list, d2pos, sal, salmark, sallist,
+                  offsets, pixels, bboxes, loc, w2p, w3g)
+    n_written = _record(hist, slot, written, n_old, s2)
+    if spikes.shape[0] == 0:
+        return n_written, np.zeros((0, 6), np.int64)
+    ash = _ash(offsets, pixels, w, h2, w2, hist, slot, qmark, qstamp)
+    return n_written, _group_all(offsets, pixels, bboxes, classes, ash, w, tau)
 
 
 def empty_supports() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

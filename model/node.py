@@ -201,6 +201,7 @@ class ModelNode(Transform):
         sup = spm.spike_supports(st, one)
         if self._inst_params is not None:
             inst.sparse_instances(spm, st, out, None, self._inst_params, supports=(one, sup, 0))
+            inst.sparse_hulk(spm, st, out, None, self._inst_params, one, 0)
             ist = inst.fresh_instance_state(16, 16, self._inst_params)
             ist.tracks = [(1, 1, (0, 0, 3, 3))]  # the matcher runs only with objects and tracks
             inst.track([(1, (0, 0, 3, 3), 16)], ist, self._inst_params.track_iou)
@@ -333,9 +334,8 @@ class ModelNode(Transform):
         """HULK-SMASH of one step on the overlap helper (its own scratch, the step's bank ``ref``)."""
         ip = self._inst_params
         assert ip is not None and self._ov_scratch is not None
-        sup = spm.spike_supports(st, spikes, self._ov_scratch, at=ref) if len(spikes) else inst.empty_supports()
-        found, self._inst_state = inst.sparse_instances(spm, st, sout, self._inst_state, ip,
-                                                        supports=(spikes, sup, skipped))
+        found, self._inst_state = inst.sparse_hulk(spm, st, sout, self._inst_state, ip, spikes, skipped,
+                                                   self._ov_scratch, at=ref)
         return list(found)
 
     def _sparse_one(self, step: Step) -> MaskResult:
@@ -348,9 +348,14 @@ class ModelNode(Transform):
             sout = spm.decode_mask(sout, self._sp_state)
         else:
             spikes, skipped = inst.select_spikes(sout.s3, ip.max_spikes)
-            sout, sup = self._decode_parallel(spm, sout, spikes)
-            found, self._inst_state = inst.sparse_instances(spm, self._sp_state, sout, self._inst_state, ip,
-                                                            supports=(spikes, sup, skipped))
+            if self._side is not None and self._side.n > 1:
+                sout, sup = self._decode_parallel(spm, sout, spikes)
+                found, self._inst_state = inst.sparse_instances(spm, self._sp_state, sout, self._inst_state, ip,
+                                                                supports=(spikes, sup, skipped))
+            else:  # one thread: supports, history, ASH and grouping in one compiled call
+                sout = spm.decode_mask(sout, self._sp_state)
+                found, self._inst_state = inst.sparse_hulk(spm, self._sp_state, sout, self._inst_state, ip,
+                                                           spikes, skipped)
             instances = list(found)
         return self._sparse_result(step, sout, self._sparse_window(sout), instances)
 

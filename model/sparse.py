@@ -512,6 +512,43 @@ def _pool(
 
 
 @njit(cache=True, nogil=True)
+def _encode_layers(
+    a_pos: np.ndarray, a_ch: np.ndarray, a_val: np.ndarray, n_in: int, t: int, fo: bool,
+    h: int, w: int, h2: int, w2: int, h4: int, w4: int,
+    e1: np.ndarray, rec1: np.ndarray, fired1: np.ndarray, touched1: np.ndarray, spk1: np.ndarray,
+    th1: np.ndarray, mode1: int, lam1: np.float32, beta1: np.float32, ex1: np.float32,
+    pmark1: np.ndarray, poff1: np.ndarray, plist1: np.ndarray, qlist1: np.ndarray, lnk1: np.ndarray,
+    head1: np.ndarray, hmark1: np.ndarray, next1: np.ndarray, ppos1: np.ndarray, pch1: np.ndarray,
+    pval1: np.ndarray, poffo1: np.ndarray, pbeg1: np.ndarray,
+    e2: np.ndarray, cur2: np.ndarray, v2: np.ndarray, last2: np.ndarray, fired2: np.ndarray, mark2: np.ndarray,
+    touched2: np.ndarray, spk2: np.ndarray, th2: np.ndarray, mode2: int, lam2: np.float32, beta2: np.float32,
+    ex2: np.float32,
+    pmark2: np.ndarray, poff2: np.ndarray, plist2: np.ndarray, qlist2: np.ndarray, lnk2: np.ndarray,
+    head2: np.ndarray, hmark2: np.ndarray, next2: np.ndarray, ppos2: np.ndarray, pch2: np.ndarray,
+    pval2: np.ndarray, poffo2: np.ndarray, pbeg2: np.ndarray,
+    e3: np.ndarray, cur3: np.ndarray, v3: np.ndarray, last3: np.ndarray, fired3: np.ndarray, mark3: np.ndarray,
+    touched3: np.ndarray, spk3: np.ndarray, th3: np.ndarray, ex3: np.float32,
+) -> tuple[int, int, int, int, int]:
+    """Conv1 -> Pool1 -> Conv2 -> Pool2 -> Conv3 of one step in one compiled call; returns
+    (n1, np1, n2, np2, n3).  The same calls :meth:`SparseSpikeSEG.step` made one by one from
+    Python: one dispatch and one GIL release per step instead of five (with the node's HULK
+    stage on a helper thread, every return from a kernel waited for the GIL).  ``spk3[:n3]``
+    is sorted on return (raster order)."""
+    n1 = _layer_c1(a_pos, a_ch, a_val, n_in, w, e1, h, w, rec1, fired1, touched1, t,
+                   th1, mode1, lam1, beta1, ex1, fo, spk1)
+    np1 = _pool(spk1, n1, 4, w, h2, w2, t, pmark1, poff1, plist1,
+                head1, hmark1, next1, ppos1, pch1, pval1, poffo1, qlist1, lnk1, pbeg1)
+    n2 = _layer(ppos1, pch1, pval1, np1, w2, e2, 2, h2, w2, cur2, v2, last2, fired2, mark2, touched2, t,
+                th2, mode2, lam2, beta2, ex2, fo, spk2)
+    np2 = _pool(spk2, n2, 36, w2, h4, w4, t, pmark2, poff2, plist2,
+                head2, hmark2, next2, ppos2, pch2, pval2, poffo2, qlist2, lnk2, pbeg2)
+    n3 = _layer(ppos2, pch2, pval2, np2, w4, e3, 3, h4, w4, cur3, v3, last3, fired3, mark3, touched3, t,
+                th3, 2, np.float32(0.0), np.float32(1.0), ex3, fo, spk3)
+    spk3[:n3].sort()
+    return n1, np1, n2, np2, n3
+
+
+@njit(cache=True, nogil=True)
 def _scatter5(
     val: float, wt: np.ndarray, ci: int, ty: int, tx: int, h: int, w: int, stamp: int,
     acc: np.ndarray, mark: np.ndarray, lst: np.ndarray, n: int,
@@ -836,6 +873,25 @@ def _mask_gated(
         b = spk_pos[s] - sy * w4 + 3
         s3bits[sy, b >> 6] = zero64
     return ns
+
+
+@njit(cache=True, nogil=True)
+def _mask_class(
+    spk_pos: np.ndarray, n_spk: int, k: int, w3t: np.ndarray, w2p: np.ndarray, k1t: np.ndarray,
+    w4: int, h4: int, w2: int, h: int, w: int,
+    p2_head: np.ndarray, p2_hmark: np.ndarray, p2_beg: np.ndarray, p2_ch: np.ndarray, p2_off: np.ndarray,
+    p1_pos: np.ndarray, n_p1: int,
+    p1_head: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
+    t: int, stamp: int, s3bits: np.ndarray, d3q: np.ndarray, d3mark: np.ndarray,
+    sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
+    mask: np.ndarray, best: np.ndarray, bestmark: np.ndarray, stamp0: int, cut: float, lit: np.ndarray, n_lit: int,
+) -> int:
+    """:func:`_mask_gated` then :func:`_mask_into` for class ``k``: one compiled call (one
+    dispatch, one GIL release); returns the new ``lit`` count."""
+    ns = _mask_gated(spk_pos, n_spk, k, w3t, w2p, k1t, w4, h4, w2, h, w,
+                     p2_head, p2_hmark, p2_beg, p2_ch, p2_off, p1_pos, n_p1, p1_head, p1_next, p1_ch, p1_off,
+                     t, stamp, s3bits, d3q, d3mark, sal, salmark, sallist)
+    return _mask_into(mask, best, bestmark, stamp0, k, sal, sallist, ns, cut, lit, n_lit)
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -1350,22 +1406,20 @@ class SparseSpikeSEG:
         t = state.t
         pb = state.banks[t % len(state.banks)]
         fo = p.fire_once
-        n1 = _layer_c1(sc["a_pos"], sc["a_ch"], sc["a_val"], n_in, g.w, self._e1, g.h, g.w,
-                       state.rec1, state.fired[0], sc["touched1"], t,
-                       self._th[0], self._modes[0], self._lams[0], self._betas[0], self._exact[0], fo, sc["spk1"])
-        np1 = _pool(sc["spk1"], n1, 4, g.w, g.h2, g.w2, t, sc["pmark1"], sc["poff1"], sc["plist1"],
-                    pb["head1"], pb["hmark1"], pb["next1"], pb["ppos1"], pb["pch1"], pb["pval1"], pb["poffo1"],
-                    sc["qlist1"], sc["lnk1"], pb["pbeg1"])
-        n2 = _layer(pb["ppos1"], pb["pch1"], pb["pval1"], np1, g.w2, self._e2, 2, g.h2, g.w2,
-                    sc["cur2"], state.v[1], state.last[1], state.fired[1], sc["mark2"], sc["touched2"], t,
-                    self._th[1], self._modes[1], self._lams[1], self._betas[1], self._exact[1], fo, sc["spk2"])
-        np2 = _pool(sc["spk2"], n2, 36, g.w2, g.h4, g.w4, t, sc["pmark2"], sc["poff2"], sc["plist2"],
-                    pb["head2"], pb["hmark2"], pb["next2"], pb["ppos2"], pb["pch2"], pb["pval2"], pb["poffo2"],
-                    sc["qlist2"], sc["lnk2"], pb["pbeg2"])
-        n3 = _layer(pb["ppos2"], pb["pch2"], pb["pval2"], np2, g.w4, self._e3, 3, g.h4, g.w4,
-                    sc["cur3"], state.v[2], state.last[2], state.fired[2], sc["mark3"], sc["touched3"], t,
-                    self._th[2], self._modes[2], self._lams[2], self._betas[2], self._exact[2], fo, sc["spk3"])
-        s3 = np.sort(sc["spk3"][:n3])
+        n1, np1, n2, np2, n3 = _encode_layers(
+            sc["a_pos"], sc["a_ch"], sc["a_val"], n_in, t, fo, g.h, g.w, g.h2, g.w2, g.h4, g.w4,
+            self._e1, state.rec1, state.fired[0], sc["touched1"], sc["spk1"],
+            self._th[0], self._modes[0], self._lams[0], self._betas[0], self._exact[0],
+            sc["pmark1"], sc["poff1"], sc["plist1"], sc["qlist1"], sc["lnk1"],
+            pb["head1"], pb["hmark1"], pb["next1"], pb["ppos1"], pb["pch1"], pb["pval1"], pb["poffo1"], pb["pbeg1"],
+            self._e2, sc["cur2"], state.v[1], state.last[1], state.fired[1], sc["mark2"], sc["touched2"], sc["spk2"],
+            self._th[1], self._modes[1], self._lams[1], self._betas[1], self._exact[1],
+            sc["pmark2"], sc["poff2"], sc["plist2"], sc["qlist2"], sc["lnk2"],
+            pb["head2"], pb["hmark2"], pb["next2"], pb["ppos2"], pb["pch2"], pb["pval2"], pb["poffo2"], pb["pbeg2"],
+            self._e3, sc["cur3"], state.v[2], state.last[2], state.fired[2], sc["mark3"], sc["touched3"], sc["spk3"],
+            self._th[2], self._exact[2],
+        )
+        s3 = sc["spk3"][:n3].copy()  # sorted by _encode_layers
         state.n_p2 = int(np2)
         state.n_p1 = int(np1)
         state.ref = PoolRef(t, pb, int(np1), int(np2))
@@ -1455,6 +1509,17 @@ class SparseSpikeSEG:
         last step.  With two banks (``fresh_state(..., banks=2)``) and its own scratch, this
         may run while the next :meth:`step` runs on another thread.
         """
+        args, (offsets, pixels, bboxes) = self.supports_args(state, spikes, scratch, at)
+        total = _decode_batch(*args)
+        return offsets, pixels[:total].copy(), bboxes
+
+    def supports_args(
+        self, state: SparseState, spikes: np.ndarray, scratch: dict[str, np.ndarray] | None = None,
+        at: PoolRef | None = None,
+    ) -> tuple[tuple[Any, ...], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The arguments of :func:`_decode_batch` for :meth:`spike_supports` (same parameters),
+        and its output arrays (offsets, pixel buffer, bboxes): for compiled callers that run the
+        supports and what consumes them in one call (``model.instances.sparse_hulk``)."""
         g = state.grid
         sc = state.scratch
         ref = self._ref(state) if at is None else at
@@ -1476,7 +1541,7 @@ class SparseSpikeSEG:
         else:
             stamp0 = int(own["stamp"][0])
             own["stamp"][0] = stamp0 + b + 1
-        total = _decode_batch(
+        args = (
             spk, self.n_classes, float(p.decoder_threshold) + float(p.decoder_eps),
             self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,
             pb["head2"], pb["hmark2"], pb["next2"], pb["ppos2"], pb["pch2"], pb["poffo2"], ref.n_p2, pb["pbeg2"],
@@ -1486,7 +1551,7 @@ class SparseSpikeSEG:
             own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes, own["loc"], self._d2pf,
             self._d3f,
         )
-        return offsets, pixels[:total].copy(), bboxes
+        return args, (offsets, pixels, bboxes)
 
     def _decode_mask(self, s3: np.ndarray, mask: np.ndarray, state: SparseState) -> int:
         """Write the step's raw mask into ``mask``; returns the number of lit pixels (listed in ``scratch['lit']``)."""
@@ -1507,14 +1572,13 @@ class SparseSpikeSEG:
                 continue
             stamp = self._next_stamp(state)
             if p.decoder_gate:
-                ns = _mask_gated(
+                n_lit = _mask_class(
                     np.ascontiguousarray(sel), len(sel), k, self._d3, self._d2p, self._k1, g.w4, g.h4, g.w2, g.h, g.w,
                     pb["head2"], pb["hmark2"], pb["pbeg2"], pb["pch2"], pb["poffo2"],
                     pb["ppos1"], ref.n_p1, pb["head1"], pb["next1"], pb["pch1"], pb["poffo1"],
                     t, stamp, sc["s3bits"], sc["d3q"], sc["d3qmark"], sc["sal"], sc["salmark"], sc["sallist"],
+                    flat, sc["best"], sc["bestmark"], stamp0, cut, sc["lit"], n_lit,
                 )
-                n_lit = _mask_into(flat, sc["best"], sc["bestmark"], stamp0, k, sc["sal"], sc["sallist"], ns, cut,
-                                   sc["lit"], n_lit)
                 continue
             _nd, ns = _decode(
                 sel, len(sel), k, self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,

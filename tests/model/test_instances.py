@@ -18,6 +18,7 @@ from model.instances import (
     jaccard,
     onehot_spikes,
     select_spikes,
+    sparse_hulk,
     sparse_instances,
     track,
 )
@@ -182,6 +183,26 @@ def test_end_to_end_two_moving_objects_keep_ids_and_reset() -> None:
     out, st = sp.step(frames[-1], st)
     objs, ist = sparse_instances(sp, st, out, ist, p)
     assert min(o.id for o in objs) == 1
+
+
+@pytest.mark.parametrize("cap", [64, 3])
+def test_fused_hulk_call_equals_the_step_by_step_calls(cap: int) -> None:
+    """sparse_hulk (supports + history + ASH + grouping in one compiled call) == sparse_instances:
+    the same objects and ids every step, the same history, tracks and skipped count."""
+    _cfg, _enc, sp, frames = _model_and_steps(14)
+    p = InstanceParams(max_spikes=cap)
+    st = ia = ib = None
+    n_objs = 0
+    for f in frames:
+        out, st = sp.step(f, st)
+        spikes, skipped = select_spikes(out.s3, cap)
+        a, ia = sparse_instances(sp, st, out, ia, p)
+        b, ib = sparse_hulk(sp, st, out, ib, p, spikes, skipped)
+        assert a == b
+        n_objs += len(a)
+        assert np.array_equal(ia.hist, ib.hist) and ia.slot == ib.slot and ia.tracks == ib.tracks
+        assert (ia.next_id, ia.skipped_spikes, ia.qstamp) == (ib.next_id, ib.skipped_spikes, ib.qstamp)
+    assert n_objs > 10
 
 
 def test_spike_cap_and_params_validation() -> None:

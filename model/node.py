@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -255,18 +255,30 @@ class ModelNode(Transform):
 
     def process_batch(self, steps: list[Step]) -> list[MaskResult]:
         """Run queued steps in order (state carries); identical to calling :meth:`process` per step."""
+        return list(self.iter_batch(steps))
+
+    def iter_batch(self, steps: list[Step]) -> Iterator[MaskResult]:
+        """:meth:`process_batch` that yields each result as soon as it is ready (the engine
+        forwards it at once: the first step of a queued batch does not wait for the last).
+        Every step is validated before the first runs.  Consume it to the end (or close it):
+        the state advances as it is consumed."""
         if self.encoder is None:
             raise NodeError("model node used before open(); the engine must call open(ctx) first")
         for s in steps:
             self._check(s)
+        if self._path == "sparse":  # numpy kernels: no torch autograd state to switch off
+            if self._overlap is not None and len(steps) > 1:
+                yield from self._sparse_overlapped(steps)
+            else:
+                for s in steps:
+                    yield self._sparse_one(s)
+            return
         with torch.inference_mode():
-            if self._path == "sparse":
-                if self._overlap is not None and len(steps) > 1:
-                    return self._sparse_overlapped(steps)
-                return [self._sparse_one(s) for s in steps]
             if self._windowed and len(steps) > 1:
-                return self._dense_window(steps)
-            return [self._dense_one(s) for s in steps]
+                results = self._dense_window(steps)
+            else:
+                results = [self._dense_one(s) for s in steps]
+        yield from results
 
     def _check(self, step: Step) -> None:
         frame = step.frame
@@ -295,7 +307,7 @@ class ModelNode(Transform):
             sout, self._sp_state = spm.step(step.frame, self._sp_state, decode=False)
         return sout
 
-    def _sparse_overlapped(self, steps: list[Step]) -> list[MaskResult]:
+    def _sparse_overlapped(self, steps: list[Step]) -> Iterator[MaskResult]:
         """The micro-batch as a two-stage pipeline on two threads; same results as :meth:`_sparse_one` per step.
 
         The model thread runs step t + 1's encoder, joint mask and window while the helper
@@ -303,11 +315,11 @@ class ModelNode(Transform):
         grouping, tracking.  The helper reads step t's pooling lists from their own bank
         (two banks: step t + 1 writes the other; step t + 2 reuses this one only after the
         result of step t was taken) and decodes with its own scratch; it alone touches the
-        instance state, in step order.  Results come out in step order.
+        instance state, in step order.  Results come out in step order, each as soon as its
+        HULK-SMASH is done.
         """
         spm, ip, ov = self._sparse_model, self._inst_params, self._overlap
         assert spm is not None and ip is not None and ov is not None  # process_batch's condition
-        results: list[MaskResult] = []
         pending: tuple[Step, Any, np.ndarray] | None = None
         try:
             for step in steps:
@@ -320,15 +332,16 @@ class ModelNode(Transform):
                 sout = spm.decode_mask(sout, st)
                 mask = self._sparse_window(sout)
                 if pending is not None:
-                    results.append(self._sparse_result(*pending, ov.result()))
+                    done, pending = pending, None
+                    yield self._sparse_result(*done, ov.result())
                 ov.submit(lambda sout=sout, spikes=spikes, skipped=skipped, ref=ref, st=st:
                           self._instances_job(spm, st, sout, spikes, skipped, ref))
                 pending = (step, sout, mask)
             if pending is not None:
-                results.append(self._sparse_result(*pending, ov.result()))
+                done, pending = pending, None
+                yield self._sparse_result(*done, ov.result())
         finally:
-            ov.drain()  # after an error: the helper must be idle before anyone touches the state
-        return results
+            ov.drain()  # after an error or an early close: the helper is idle before anyone touches the state
 
     def _instances_job(self, spm: SparseSpikeSEG, st: Any, sout: Any, spikes: np.ndarray, skipped: int, ref: Any) -> list[Instance]:
         """HULK-SMASH of one step on the overlap helper (its own scratch, the step's bank ``ref``)."""

@@ -318,6 +318,10 @@ class Pipeline:
                     break
                 if isinstance(batch[0], StreamReset):
                     outs = model.process(batch[0])
+                elif hasattr(model, "iter_batch"):
+                    # each result goes on as soon as it is ready: the first step of a queued
+                    # batch does not wait for the batch's last one (live latency)
+                    outs = model.iter_batch(batch)
                 else:
                     outs = model.process_batch(batch)
                 for out in outs:

@@ -262,6 +262,30 @@ def test_overlap_auto_follows_the_usable_cpus(monkeypatch) -> None:
         build(ModelConfig, {"overlap": "yes"}, "model")
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_iter_batch_hands_each_result_on_before_the_batch_is_done(overlap: bool) -> None:
+    """The engine forwards results as iter_batch yields them: the first comes after one step
+    (two with the overlap pipeline, which encodes step t + 1 before step t's instances are in)."""
+    steps = _steps(6)
+    node = _node(path="sparse", overlap=overlap)
+    ref = _node(path="sparse", overlap=False)
+    try:
+        it = node.iter_batch(steps)
+        first = next(it)
+        assert first.step.index == 0 and node._sp_state.t == (2 if overlap else 1)
+        rest = list(it)
+        assert node._sp_state.t == 6 and [r.step.index for r in rest] == [1, 2, 3, 4, 5]
+        assert _summary([first, *rest]) == _summary(ref.process_batch(steps))
+        # closed early: the helper is idle and the node goes on from where it stopped
+        it = node.iter_batch(_steps(4, start=6))
+        next(it)
+        it.close()
+        assert node._overlap is None or node._overlap.pending == 0
+    finally:
+        node.close()
+        ref.close()
+
+
 def test_overlap_thread_keeps_order_and_raises_in_the_caller() -> None:
     from model.side import Overlap
 

@@ -105,9 +105,9 @@ class ModelConfig:
     # live pipeline dropped more bins with 2 (46 % -> 53-57 %) and `make demo` was unchanged
     decode_threads: int = 1
     # "auto": on where this process may use >= 4 CPUs.  Measured on 2 cores (346x260, built-in
-    # scene): the node alone 830-1,130 -> 1,230-1,430 steps/s, but the live pipeline, whose
-    # second core runs the paced source, the sinks and the subscriber, dropped 41-52 % of its
-    # bins instead of 17-20 % (benchmarks/README.md, row u2)
+    # scene, after the one-call kernels): the node alone ~1,200 -> 1,500-1,900 steps/s, but the
+    # live pipeline, whose second core runs the paced source, the sinks and the subscriber,
+    # dropped 1-8 % of its bins with it against 0-2 % without (benchmarks/README.md, row u2)
     overlap: Literal["auto"] | bool = "auto"
     weights: str | None = None
     seed: int = 42

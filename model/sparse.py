@@ -787,8 +787,11 @@ def _mask_gated(
     p1_head: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
     t: int, stamp: int, s3bits: np.ndarray, d3q: np.ndarray, d3mark: np.ndarray,
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
+    mask: np.ndarray, best: np.ndarray, bestmark: np.ndarray, stamp0: int, cut: float, lit: np.ndarray, n_lit: int,
 ) -> int:
-    """Gated joint saliency of class ``k`` from its S3 spikes, by gather at the P1 cells only.
+    """Gated joint saliency of class ``k`` from its S3 spikes, by gather at the P1 cells only,
+    written into the mask by :func:`_mask_into` (in this call: one dispatch and one GIL release
+    per class); returns the new ``lit`` count.
 
     The gate keeps D2 only at pooled Conv1 cells that spiked (P1 entries), so instead of
     scattering D3 -> D2 over every P2 entry in reach (:func:`_decode`, ~100 adds each),
@@ -799,7 +802,7 @@ def _mask_gated(
     vectorised add per spike in the window; cached by ``d3mark``; scattering it from the
     spikes instead measured ~20 % slower, one gather per entry ~10 % slower) from row bitmasks of the spikes.  Then the K1
     scatter at the P1 entries, as in :func:`_decode`.  Same sums, another order: float64 and
-    exact on the 2^-12 weight grid, so the mask is identical.  Returns the ``sallist`` count.
+    exact on the 2^-12 weight grid, so the mask is identical.
     """
     w2f = w2p.reshape(-1)  # (36, 7, 7, 4): W2 with a zero border; four Conv1 features (the architecture)
     w3f = w3t.reshape(-1)  # (k, 7, 7, 36)
@@ -872,25 +875,6 @@ def _mask_gated(
         sy = spk_pos[s] // w4
         b = spk_pos[s] - sy * w4 + 3
         s3bits[sy, b >> 6] = zero64
-    return ns
-
-
-@njit(cache=True, nogil=True)
-def _mask_class(
-    spk_pos: np.ndarray, n_spk: int, k: int, w3t: np.ndarray, w2p: np.ndarray, k1t: np.ndarray,
-    w4: int, h4: int, w2: int, h: int, w: int,
-    p2_head: np.ndarray, p2_hmark: np.ndarray, p2_beg: np.ndarray, p2_ch: np.ndarray, p2_off: np.ndarray,
-    p1_pos: np.ndarray, n_p1: int,
-    p1_head: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
-    t: int, stamp: int, s3bits: np.ndarray, d3q: np.ndarray, d3mark: np.ndarray,
-    sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
-    mask: np.ndarray, best: np.ndarray, bestmark: np.ndarray, stamp0: int, cut: float, lit: np.ndarray, n_lit: int,
-) -> int:
-    """:func:`_mask_gated` then :func:`_mask_into` for class ``k``: one compiled call (one
-    dispatch, one GIL release); returns the new ``lit`` count."""
-    ns = _mask_gated(spk_pos, n_spk, k, w3t, w2p, k1t, w4, h4, w2, h, w,
-                     p2_head, p2_hmark, p2_beg, p2_ch, p2_off, p1_pos, n_p1, p1_head, p1_next, p1_ch, p1_off,
-                     t, stamp, s3bits, d3q, d3mark, sal, salmark, sallist)
     return _mask_into(mask, best, bestmark, stamp0, k, sal, sallist, ns, cut, lit, n_lit)
 
 
@@ -1572,7 +1556,7 @@ class SparseSpikeSEG:
                 continue
             stamp = self._next_stamp(state)
             if p.decoder_gate:
-                n_lit = _mask_class(
+                n_lit = _mask_gated(
                     np.ascontiguousarray(sel), len(sel), k, self._d3, self._d2p, self._k1, g.w4, g.h4, g.w2, g.h, g.w,
                     pb["head2"], pb["hmark2"], pb["pbeg2"], pb["pch2"], pb["poffo2"],
                     pb["ppos1"], ref.n_p1, pb["head1"], pb["next1"], pb["pch1"], pb["poffo1"],

@@ -549,7 +549,11 @@ def _hulk(
     (:func:`_record`), ASH (:func:`_ash`) and SMASH grouping (:func:`_group_all`) as one
     compiled call: one dispatch and one GIL release per step instead of four (on the node's
     helper thread every kernel return waited for the GIL held by the model thread).
-    Returns (positions written in ``slot``, the groups of :func:`_group_all`)."""
+    Returns (positions written in ``slot``, the groups of :func:`_group_all`).
+
+    The first 43 parameters repeat ``_decode_batch``'s (as ``SparseSpikeSEG.supports_args``
+    builds them): flat arrays are what numba's dispatcher types fastest; one tuple argument
+    would be typed element by element in Python on every call."""
     _decode_batch(spikes, n_cls, cut, w3t, w2t, k1t, w4, h2, w2, h, w,
                   p2_head, p2_hmark, p2_next, p2_pos, p2_ch, p2_off, n_p2, p2_beg,
                   p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, gate, stamp0,

@@ -1147,8 +1147,6 @@ class SparseState:
     fired: list[np.ndarray]
     t: int = 0
     stamp: int = 0
-    n_p2: int = 0
-    n_p1: int = 0
     scratch: dict[str, np.ndarray] = field(default_factory=dict)
     rec1: np.ndarray | None = None  # Conv1 state as C1_DTYPE records; v[0] and last[0] are views of it
     #: the pooling lists that the decoders read (:data:`BANK_KEYS`), one set per bank; step ``t``
@@ -1336,7 +1334,7 @@ class SparseSpikeSEG:
         sc["best"] = np.zeros(h * w, f64)
         sc["bestmark"] = np.full(h * w, -1, i64)
         sc["lit"] = np.zeros(h * w, i64)
-        bank0 = {f"{k}{i}": sc[f"{k}{i}"] for k in BANK_KEYS for i in (1, 2)}
+        bank0 = {f"{k}{i}": sc.pop(f"{k}{i}") for k in BANK_KEYS for i in (1, 2)}  # one home: the banks
         more = [{k: np.full_like(a, -1) if k.startswith("hmark") else np.zeros_like(a) for k, a in bank0.items()}
                 for _ in range(banks - 1)]
         return SparseState(grid=g, v=v, last=last, fired=fired, scratch=sc, rec1=rec1, banks=[bank0, *more])
@@ -1404,8 +1402,6 @@ class SparseSpikeSEG:
             self._th[2], self._exact[2],
         )
         s3 = sc["spk3"][:n3].copy()  # sorted by _encode_layers
-        state.n_p2 = int(np2)
-        state.n_p1 = int(np1)
         state.ref = PoolRef(t, pb, int(np1), int(np2))
         mask = np.zeros((g.h, g.w), np.uint8)
         state.t = t + 1

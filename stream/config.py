@@ -53,6 +53,18 @@ def sections() -> dict[str, type]:
     return dict(_SECTIONS)
 
 
+def _describe(tp: Any) -> str:
+    """How a config value of type ``tp`` is written in YAML (for error messages)."""
+    if get_origin(tp) is Literal:
+        return ", ".join(map(repr, get_args(tp)))
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if get_origin(tp) in (tuple, list):
+        return "a list"
+    return "a mapping" if dataclasses.is_dataclass(tp) else str(tp)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert one YAML value against a type hint; raise UsageError naming ``where``."""
     origin = get_origin(tp)
@@ -70,9 +82,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except UsageError as e:
                 errors.append(str(e))
-        if len(errors) > 1:  # name every accepted form, not only the first one tried
-            reasons = [e.split(": ", 1)[-1] for e in errors]
-            raise UsageError(f"{where}: {value!r} is not allowed ({'; or '.join(reasons)})")
+        if len(errors) > 1 and not isinstance(value, (list, tuple, dict)):
+            # a scalar that fits no form: name every accepted form, not only the first one tried
+            forms = " or ".join(_describe(a) for a in args if a is not type(None))
+            raise UsageError(f"{where}: {value!r} is not allowed; use {forms}")
         raise UsageError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is Literal:
         allowed = get_args(tp)

@@ -118,7 +118,11 @@ def time_node(node: Any, steps: list[Step], settings: BenchSettings, budget_s: f
     def work() -> float:
         node.reset()
         for i in range(0, n, mb):
-            node.process_batch(run[i:i + mb])
+            # more steps queued behind this batch, as the engine tells the node (``more``)
+            for _ in node.iter_batch(run[i:i + mb], more=lambda i=i: i + mb < n):
+                pass
+        for _ in node.flush():
+            pass
         _sync(dev)
         return float(n)
 

@@ -320,16 +320,17 @@ class Pipeline:
                     outs = model.process(batch[0])
                 elif hasattr(model, "iter_batch"):
                     # each result goes on as soon as it is ready: the first step of a queued
-                    # batch does not wait for the batch's last one (live latency)
-                    outs = model.iter_batch(batch)
+                    # batch does not wait for the batch's last one (live latency).  With steps
+                    # queued behind the batch, a pipelined node may hold its last result for
+                    # the next call (``more``); with none, it is flushed at once
+                    outs = model.iter_batch(batch, more=q_in.data_next)
                 else:
                     outs = model.process_batch(batch)
-                for out in outs:
-                    if isinstance(out, MaskResult):
-                        self.metrics.inc("masks")
-                        self.metrics.latency("latency.e2e", (out.model_done_ns - out.step.closed_ns) / 1e9)
-                    for q in q_outs:
-                        q.put(out, self.abort)
+                self._forward(outs, q_outs)
+                if hasattr(model, "flush") and not q_in.data_next():
+                    self._forward(model.flush(), q_outs)
+            if hasattr(model, "flush") and not self.abort.is_set():
+                self._forward(model.flush(), q_outs)  # END or the drain deadline: nothing stays held
         except QueueClosed:
             pass
         except BaseException as e:  # noqa: BLE001
@@ -343,6 +344,15 @@ class Pipeline:
                     q.put(END)
                 except QueueClosed:
                     pass
+
+    def _forward(self, outs: Any, q_outs: list[BoundedQueue]) -> None:
+        """Hand the model's results to every sink queue as they come."""
+        for out in outs:
+            if isinstance(out, MaskResult):
+                self.metrics.inc("masks")
+                self.metrics.latency("latency.e2e", (out.model_done_ns - out.step.closed_ns) / 1e9)
+            for q in q_outs:
+                q.put(out, self.abort)
 
     def _sink_loop(self, sink: SinkNode, q: BoundedQueue) -> None:
         deadline: float | None = None

@@ -133,6 +133,11 @@ class BoundedQueue:
             self._not_full.notify_all()
         return out
 
+    def data_next(self) -> bool:
+        """True when the next item is data (not a control item): a ``get_many`` now returns data."""
+        with self._lock:
+            return bool(self._items) and not self._is_control(self._items[0])
+
     def close(self) -> None:
         """Refuse further puts and wake blocked producers (consumer is gone)."""
         with self._lock:

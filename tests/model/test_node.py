@@ -249,6 +249,47 @@ def test_overlap_helper_error_reaches_the_caller_and_the_node_goes_on(monkeypatc
         node.close()
 
 
+def test_overlap_holds_a_batch_s_last_step_while_more_is_queued() -> None:
+    """``iter_batch(batch, more=...)``: the pipeline runs on across batches (no drain per
+    micro-batch); the held result comes first in the next call, from ``flush``, before a
+    reset and before a bad batch's error, and the results equal the sequential node's."""
+    steps = _steps(24)
+    seq = _node(path="sparse", overlap=False)
+    ovl = _node(path="sparse", overlap=True)
+    try:
+        ref = seq.process_batch(steps)
+        got = list(ovl.iter_batch(steps[:5], more=lambda: True))
+        assert [r.step.index for r in got] == [0, 1, 2, 3] and ovl._overlap.pending == 1
+        got += list(ovl.iter_batch(steps[5:6], more=lambda: True))  # one step: still pipelined
+        got += list(ovl.iter_batch(steps[6:12], more=lambda: False))
+        assert [r.step.index for r in got] == list(range(12)) and ovl._overlap.pending == 0
+        got += list(ovl.iter_batch(steps[12:20], more=lambda: True))
+        got += list(ovl.flush())
+        assert list(ovl.flush()) == [] and ovl._overlap.pending == 0
+        assert _summary(got) == _summary(ref[:20])
+        assert [r.instances for r in got] == [r.instances for r in ref[:20]]
+        # a reset behind a held step: the step's result first, then the reset
+        list(ovl.iter_batch(steps[20:22], more=lambda: True))
+        out = ovl.process(StreamReset("next file"))
+        assert [type(o) for o in out] == [MaskResult, StreamReset] and out[0].step.index == 21
+        # a bad batch behind a held step: the step's result comes out, then the error
+        list(ovl.iter_batch(steps[:3], more=lambda: True))
+        bad = _steps(1, SensorSize(48, 32), start=3)
+        it = ovl.iter_batch(bad)
+        assert next(it).step.index == 2
+        with pytest.raises(NodeError, match="frame is 2x32x48"):
+            next(it)
+        # reset() drops a held step with the state: the helper is idle and the node starts afresh
+        list(ovl.iter_batch(steps[:3], more=lambda: True))
+        ovl.reset()
+        assert ovl._overlap.pending == 0 and list(ovl.flush()) == []
+        again = list(ovl.iter_batch(steps[:6]))
+        assert _summary(again) == _summary(ref[:6])
+    finally:
+        seq.close()
+        ovl.close()
+
+
 def test_overlap_auto_follows_the_usable_cpus(monkeypatch) -> None:
     import model.config as mcfg
 
@@ -423,3 +464,38 @@ def test_cpu_and_cuda_give_identical_masks() -> None:
         gpu.close()
     assert _summary(a) == _summary(b)
     assert [r.instances for r in a] == [r.instances for r in b]
+
+
+def test_overlap_in_the_pipeline_gives_every_step_the_sequential_result() -> None:
+    """The engine + real node with model.overlap: true (results held across micro-batches and
+    flushed at the end) == overlap off: one result per step, same masks and instances."""
+    from stream.config import load_config
+    from stream.engine import run_pipeline
+    from stream.node import SinkNode
+    from stream.registry import build_source
+
+    class Keep(SinkNode):
+        name = "keep"
+
+        def __init__(self) -> None:
+            self.items: list[MaskResult] = []
+
+        def process(self, item) -> None:
+            if isinstance(item, MaskResult):
+                self.items.append(item)
+
+    runs = []
+    for overlap in (False, True):
+        cfg = load_config(None, None, {
+            "synthetic": {"duration_s": 0.3, "width": 96, "height": 72},
+            "model": {"path": "sparse", "overlap": overlap},
+            "engine": {"status_s": 0, "device": "cpu", "max_batch": 8},
+        })
+        sink = Keep()
+        summary = run_pipeline(cfg, build_source("synthetic", cfg), [sink])
+        assert summary.error is None and summary.steps == 300 and len(sink.items) == 300
+        runs.append(sink.items)
+    seq, ovl = runs
+    assert [r.step.index for r in ovl] == list(range(300))
+    assert _summary(seq) == _summary(ovl) and [r.instances for r in seq] == [r.instances for r in ovl]
+    assert sum(len(r.instances) for r in ovl) > 0

@@ -99,12 +99,40 @@ class EchoModel(Transform):
         return out
 
 
+class HoldingModel(EchoModel):
+    """A pipelined stand-in: holds a batch's last result while ``more()`` says steps are queued
+    (as the overlap pipeline does) and yields it first in the next call or from ``flush``."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.held: MaskResult | None = None
+        self.holds = 0
+
+    def iter_batch(self, steps: list[Step], more=None) -> Iterator[MaskResult]:
+        out = self.process_batch(steps)
+        if self.held is not None:
+            out.insert(0, self.held)
+            self.held = None
+        if more is not None and more():
+            self.held = out.pop()
+            self.holds += 1
+        yield from out
+
+    def flush(self) -> Iterator[MaskResult]:
+        held, self.held = self.held, None
+        if held is not None:
+            yield held
+
+    def process(self, item):
+        return [*self.flush(), *super().process(item)]
+
+
 @pytest.fixture
 def echo_factory():
     holder: dict = {}
 
     def factory(cfg, size, in_channels, device, weights, **kw):
-        holder["model"] = EchoModel(**holder.get("kw", {}))
+        holder["model"] = holder.get("cls", EchoModel)(**holder.get("kw", {}))
         return holder["model"]
 
     factory.holder = holder

@@ -8,7 +8,7 @@ from stream.config import load_config
 from stream.engine import run_pipeline
 from stream.events import MaskResult, SensorSize, StreamReset
 
-from .conftest import ListSink, ListSource, packets
+from .conftest import HoldingModel, ListSink, ListSource, packets
 
 SIZE = SensorSize(32, 24)
 
@@ -81,6 +81,22 @@ def test_error_in_any_node_stops_the_run_with_its_name(cfg, echo_factory, tmp_pa
     assert src.closed == 1 and sink.closed == 1 and echo_factory.holder["model"].closed == 1
     if where == "sink":
         assert len(sink.items) == 10  # what was produced before the error is kept
+
+
+def test_a_node_that_holds_its_last_result_loses_none_and_keeps_order(cfg, echo_factory, tmp_path) -> None:
+    """``iter_batch(batch, more=...)``: a pipelined node may keep a batch's last result while
+    steps are queued behind it; the engine flushes it when none are, before a reset and at END."""
+    echo_factory.holder.update(cls=HoldingModel, kw={"delay_s": 0.001})
+    pk = packets(150, SIZE) + [StreamReset("next file")] + packets(150, SIZE, seed=1)
+    src, sink = ListSource(pk, SIZE), ListSink()
+    s = run_pipeline(cfg, src, [sink], model_factory=echo_factory, run_dir=tmp_path)
+    model = echo_factory.holder["model"]
+    assert s.error is None and s.masks == 300
+    assert model.holds > 0 and model.held is None  # it did hold, and nothing stayed held
+    kinds = ["R" if isinstance(i, StreamReset) else "M" for i in sink.items]
+    assert kinds == ["M"] * 150 + ["R"] + ["M"] * 150  # the held mask came out before the reset
+    idx = [m.step.index for m in _masks(sink)]
+    assert idx == sorted(idx)
 
 
 def test_resets_pass_through_in_order(cfg, echo_factory, tmp_path) -> None:

@@ -75,6 +75,16 @@ def test_get_many_stops_at_control_items() -> None:
     assert q.get_many(8, 0.1) == [END]
 
 
+def test_data_next_says_whether_get_many_would_return_data() -> None:
+    q = BoundedQueue("q", 10, "block", _ctl)
+    assert not q.data_next()
+    q.put(1)
+    assert q.data_next()
+    q.get_many(8, 0.1)
+    q.put(END)
+    assert not q.data_next()  # a control item is next
+
+
 def test_closed_queue_refuses_puts_and_get_times_out() -> None:
     q = BoundedQueue("q", 1, "block", _ctl)
     with pytest.raises(TimeoutError):

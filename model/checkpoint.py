@@ -126,9 +126,16 @@ def apply_checkpoint(encoder: Encoder, ckpt: Checkpoint, where: str = "checkpoin
 
     W1 is not copied: it is defined by the config (``conv1``, ``conv1_gain``, input channels);
     only its feature count and kernel size are checked, so one checkpoint serves 1- and
-    2-channel input.  Thresholds: a trained checkpoint (``metadata["trained"] is True``) may
-    carry adapted thresholds, which then win; an untrained one (the shipped default) leaves
-    the config's thresholds, so presets and ``theta*`` overrides keep working with it.
+    2-channel input.
+
+    Thresholds: an untrained checkpoint leaves the config's.  A trained one
+    (``metadata["trained"] is True``) may carry thresholds that learning adapted per channel
+    (homeostasis); what it carries is the adaptation, relative to the thresholds of the config
+    it was saved with: ``theta = config theta x checkpoint theta / checkpoint config theta``
+    (:func:`adapted_thresholds`).  Loaded with the config it was saved with, the checkpoint's
+    thresholds come back exactly; with a preset or a ``theta*`` override, the override is
+    applied and the adaptation kept (the shipped default carries none: its thresholds equal
+    its config's, so every preset and override runs as configured).
     """
     n_cfg, n_ck = encoder.n_classes, ckpt.w3.shape[0]
     if ckpt.w3.dim() != 4 or n_ck != n_cfg:
@@ -157,9 +164,28 @@ def apply_checkpoint(encoder: Encoder, ckpt: Checkpoint, where: str = "checkpoin
         encoder.quantize_()
         if ckpt.metadata.get("trained") is not True:
             return
-        encoder.theta1.copy_(ckpt.thetas[0])
-        encoder.theta2.copy_(ckpt.thetas[1])
-        encoder.theta3.copy_(ckpt.thetas[2])
+        for i, name in enumerate(("theta1", "theta2", "theta3")):
+            th = getattr(encoder, name)
+            th.copy_(adapted_thresholds(th, ckpt.thetas[i], ckpt.config.get(name), f"{where}: {name}"))
+
+
+def adapted_thresholds(configured: Tensor, saved: Tensor, saved_config: Any, where: str) -> Tensor:
+    """``configured x saved / saved_config`` per channel: a trained checkpoint's threshold
+    adaptation applied to the configured thresholds (all (C, 1, 1) float32).
+
+    ``saved_config``: the checkpoint config's value (a number or a per-channel list); where
+    it equals the configured value, ``saved`` is returned exactly (no rounding).  A checkpoint
+    without it (``None``) keeps ``saved`` as it is.
+    """
+    if saved_config is None:
+        return saved.to(configured.dtype)
+    base = torch.as_tensor(saved_config, dtype=torch.float64).reshape(-1)
+    if base.numel() not in (1, configured.numel()) or not bool((base > 0).all()):
+        raise NodeError(f"{where}: checkpoint config value {saved_config!r} is not a threshold per channel; re-save it")
+    base = base.expand(configured.numel()).reshape(configured.shape)
+    conf = configured.detach().cpu().to(torch.float64)
+    scaled = (conf * saved.to(torch.float64) / base).to(configured.dtype)
+    return torch.where(conf == base, saved.to(configured.dtype), scaled)
 
 
 def load_into(encoder: Encoder, path: str | Path | None) -> Checkpoint:

@@ -57,7 +57,7 @@ cost more than the step); a fresh state is ``None``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -1224,8 +1224,13 @@ class SparseSpikeSEG:
 
     @classmethod
     def from_encoder(cls, encoder: Any, decoder_eps: float = 0.0) -> "SparseSpikeSEG":
-        """Build from a ``model.encoder.Encoder`` (weights and config)."""
-        return cls(encoder.w1, encoder.w2, encoder.w3, params_from_config(encoder.cfg, decoder_eps))
+        """Build from a ``model.encoder.Encoder``: its weights, its per-channel thresholds (which
+        a loaded checkpoint may have adapted: ``model.checkpoint.apply_checkpoint``) and the
+        rest of its config, so that both paths run the same network."""
+        p = params_from_config(encoder.cfg, decoder_eps)
+        th = [tuple(float(v) for v in getattr(encoder, f"theta{i}").detach().cpu().reshape(-1).tolist())
+              for i in (1, 2, 3)]
+        return cls(encoder.w1, encoder.w2, encoder.w3, replace(p, theta1=th[0], theta2=th[1], theta3=th[2]))
 
     def set_weights(self, w1: Any, w2: Any, w3: Any) -> None:
         """Copy the weights into the kernels' float64 channels-last layouts."""

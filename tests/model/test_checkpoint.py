@@ -60,6 +60,30 @@ def test_round_trip_keeps_weights_thresholds_config_and_metadata(tmp_path: Path)
     assert raw["format"] == FORMAT
 
 
+def test_trained_thresholds_are_an_adaptation_kept_under_a_theta_override(tmp_path: Path) -> None:
+    """A trained checkpoint carries thresholds relative to its own config: loaded with that
+    config they come back exactly; a preset or ``theta*`` override is applied with the
+    per-channel adaptation kept; thresholds equal to its config's leave the override alone."""
+    enc = Encoder(_cfg(), 2)
+    with torch.no_grad():
+        enc.theta2.fill_(10.0)
+        enc.theta2[3] = 13.0  # homeostasis raised one channel by 30 %
+    p = tmp_path / "adapted.pt"
+    save_checkpoint(p, enc, {"trained": True})
+    same = Encoder(_cfg(), 2)
+    load_into(same, p)
+    assert torch.equal(same.theta2, enc.theta2)
+    over = Encoder(_cfg(theta2=20.0), 2)
+    load_into(over, p)
+    assert float(over.theta2[3]) == 26.0 and float(over.theta2[0]) == 20.0
+    plain = tmp_path / "plain.pt"
+    save_checkpoint(plain, Encoder(_cfg(), 2), {"trained": True})  # thresholds = its config's
+    over = Encoder(_cfg(theta1=7.0, theta2=20.0), 2)
+    load_into(over, plain)
+    assert float(over.theta1.min()) == float(over.theta1.max()) == 7.0
+    assert float(over.theta2.min()) == float(over.theta2.max()) == 20.0
+
+
 def test_untrained_checkpoint_keeps_config_thresholds(tmp_path: Path) -> None:
     p = tmp_path / "u.pt"
     save_checkpoint(p, Encoder(_cfg(), 2), {"trained": False})

@@ -163,6 +163,34 @@ def test_sparse_path_gives_the_dense_masks_spikes_and_instances() -> None:
     assert any(r.instances for r in a)
 
 
+def test_sparse_path_runs_a_checkpoint_s_adapted_thresholds_like_the_dense_path(tmp_path: Path) -> None:
+    """Thresholds come from the loaded encoder (a trained checkpoint may adapt them per
+    channel), not from the config: both paths run the same network."""
+    from model.checkpoint import save_checkpoint
+    from model.encoder import Encoder
+
+    enc = Encoder(_config()["model"], 2)
+    with torch.no_grad():
+        enc.theta1[1] = 6.0
+        enc.theta2[::3] = 7.0
+    ck = tmp_path / "adapted.pt"
+    save_checkpoint(ck, enc, {"trained": True})
+    nodes = {}
+    for path in ("dense", "sparse"):
+        nodes[path] = build_model_node(_config(path=path), SIZE, 2, "cpu", str(ck))
+        nodes[path].open(_ctx())
+    plain = _node(path="sparse")
+    try:
+        steps = _steps(14)
+        a, b = nodes["dense"].process_batch(steps), nodes["sparse"].process_batch(steps)
+        assert nodes["sparse"]._sparse_model._th[1][0] == 7.0
+        assert _summary(a) == _summary(b) and [r.instances for r in a] == [r.instances for r in b]
+        assert _summary(plain.process_batch(steps)) != _summary(b)  # the thresholds mattered
+    finally:
+        for n in (*nodes.values(), plain):
+            n.close()
+
+
 def test_decode_threads_give_the_same_masks_and_instances() -> None:
     """The sparse path's decode split over helper threads == one thread == the dense path."""
     steps = _steps(14)

@@ -183,9 +183,11 @@ def adapted_thresholds(configured: Tensor, saved: Tensor, saved_config: Any, whe
     if base.numel() not in (1, configured.numel()) or not bool((base > 0).all()):
         raise NodeError(f"{where}: checkpoint config value {saved_config!r} is not a threshold per channel; re-save it")
     base = base.expand(configured.numel()).reshape(configured.shape)
-    conf = configured.detach().cpu().to(torch.float64)
-    scaled = (conf * saved.to(torch.float64) / base).to(configured.dtype)
-    return torch.where(conf == base, saved.to(configured.dtype), scaled)
+    conf = configured.detach().cpu()
+    scaled = (conf.to(torch.float64) * saved.to(torch.float64) / base).to(configured.dtype)
+    # compared in the thresholds' own precision: a config value such as 0.1 is the same
+    # threshold in both configs even though float32(0.1) != 0.1
+    return torch.where(conf == base.to(configured.dtype), saved.to(configured.dtype), scaled)
 
 
 def load_into(encoder: Encoder, path: str | Path | None) -> Checkpoint:

@@ -82,6 +82,14 @@ def test_trained_thresholds_are_an_adaptation_kept_under_a_theta_override(tmp_pa
     load_into(over, plain)
     assert float(over.theta1.min()) == float(over.theta1.max()) == 7.0
     assert float(over.theta2.min()) == float(over.theta2.max()) == 20.0
+    # a threshold that float32 cannot hold exactly (0.1) still round-trips bit for bit
+    small = Encoder(_cfg(theta3=0.1), 2)
+    with torch.no_grad():
+        small.theta3.fill_(0.1)
+    save_checkpoint(tmp_path / "small.pt", small, {"trained": True})
+    again = Encoder(_cfg(theta3=0.1), 2)
+    load_into(again, tmp_path / "small.pt")
+    assert torch.equal(again.theta3, small.theta3)
 
 
 def test_untrained_checkpoint_keeps_config_thresholds(tmp_path: Path) -> None:

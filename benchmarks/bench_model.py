@@ -369,3 +369,47 @@ def run_peers(results: Results, settings: BenchSettings, node: Any, steps: list[
         tgt = TARGET_PEER_RATIO if targets and peer.name != peers.SnnTorchPeer.name else None
         results.add(Row(sec, f"{label}: ours / {peer.name}{'' if equal else ' (OUTPUTS DIFFER)'}", rs, "x",
                         f">= {tgt:g}" if tgt else "", tgt, extra={"equal_to_ours": equal}))
+
+
+# ----------------------------------------------------------------------------- CUDA proxy
+def host_ops(results: Results, settings: BenchSettings) -> None:
+    """(g) without a GPU: host-side torch ops per step of the CUDA window recipe, run on CPU.
+
+    A GPU step of the dense path is bound by its launches (each op ~5-10 us of host time,
+    ~1-3 us of GPU work at 640x480; measured flat 651-1,002 steps/s from 320x240 to 1280x720
+    on a lent H100), so the op count per step is the figure a CPU can check.  Counted with
+    ``torch.profiler`` over one 16-step window of the built-in scene (top-level ``aten`` ops;
+    a compiled region counts once per call), at 160x120: the count does not depend on size.
+    Rows: the eager neuron loop with the per-spike crop decode (the CUDA recipe until the
+    sixth pass) and the recipe the node runs on CUDA now (``model.compile`` scans, full-frame
+    joint decode), instances off and on (T = 16 rows per window, ``engine.max_batch``).
+    """
+    import dataclasses
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.node import ModelNode
+
+    size = SensorSize(64, 48) if settings.tiny else SensorSize(160, 120)
+    cfg = model_config(path="dense")
+    ev, _ = inputs.scene_events(cfg, size, 60)
+    steps = inputs.bin_steps(ev, size)
+    t_n = 16  # engine.max_batch: the window the engine hands the node under load
+    for inst_on in (False, True):
+        for decode, comp in (("crops", False), ("full", True)):
+            mc = dataclasses.replace(cfg["model"], instances=inst_on, compile=comp)
+            node = ModelNode(mc, size, cfg["binner"].channels, "cpu", batch_mode="window", dense_decode=decode)
+            node.open(RunContext(stop=threading.Event(), metrics=Metrics()))
+            node.process_batch(steps[:t_n])
+            node.process_batch(steps[t_n : 2 * t_n])
+            window = steps[2 * t_n : 3 * t_n]
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                res = node.process_batch(window)
+            node.close()
+            top = [e for e in prof.events() if e.cpu_parent is None]
+            n_ops = sum(1 for e in top if e.name.startswith("aten::") or "Compiled" in e.name)
+            s3 = float(np.mean([r.layer_spikes["conv3"] for r in res]))
+            label = "compiled scans, full decode" if comp else "eager scans, crop decode"
+            results.add(Row("g cuda model", f"CUDA recipe ops/step (CPU), inst {'on' if inst_on else 'off'}, {label}",
+                            Stat.of([n_ops / len(res)]),
+                            "ops/step", higher_better=False, extra={"size": str(size), "conv3_per_step": round(s3, 1)}))

@@ -53,7 +53,8 @@ def run_all(settings: BenchSettings, parts: str = PARTS, log: Callable[[str], No
     if torch.cuda.is_available():
         steps.append(("g", "CUDA model", lambda: bench_model.run(results, settings, cuda=True)))
     else:
-        results.skip("g cuda model", "all", "torch sees no CUDA device")
+        results.skip("g cuda model", "steps/s", "torch sees no CUDA device")
+        steps.append(("g", "CUDA recipe's host ops per step, on CPU", lambda: bench_model.host_ops(results, settings)))
     for letter, name, fn in steps:
         if letter not in parts and not (letter == "b" and "c" in parts):
             continue

@@ -73,7 +73,9 @@ class ModelConfig:
     worth raising only when a core is otherwise idle), ``overlap`` (event-driven path with
     instances: within a micro-batch of queued steps, a helper thread runs step t's HULK-SMASH
     while the model thread encodes step t + 1; same results, uses a second core),
-    ``weights`` (checkpoint path; None = model/weights/default.pt), ``seed`` for the
+    ``compile`` (dense window path, i.e. CUDA: the neuron updates of a window as one compiled
+    kernel per layer, verified against eager at open; "auto" = on CUDA, falls back to eager
+    with a warning), ``weights`` (checkpoint path; None = model/weights/default.pt), ``seed`` for the
     initialisation of untrained weights.
     """
 
@@ -109,6 +111,10 @@ class ModelConfig:
     # live pipeline, whose second core runs the paced source, the sinks and the subscriber,
     # dropped 1-8 % of its bins with it against 0-2 % without (benchmarks/README.md, row u2)
     overlap: Literal["auto"] | bool = "auto"
+    # the dense window path's neuron recurrence as one compiled kernel per layer (model/fused.py).
+    # "auto": on CUDA, checked against eager at open, eager with a warning if it fails there;
+    # true: the same, but a failure is an error; false: eager (~7 launches per layer per step)
+    compile: Literal["auto"] | bool = "auto"
     weights: str | None = None
     seed: int = 42
 

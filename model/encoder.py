@@ -17,7 +17,7 @@ the module.  Pooling indices travel in :class:`EncoderOutput`.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -166,9 +166,9 @@ class Encoder(nn.Module):
         """One time step; see :func:`encoder_step`."""
         return encoder_step(x, state, self.w1, self.w2, self.w3, self.params(), first_spikes)
 
-    def window(self, x: Tensor, state: EncoderState | None) -> tuple[EncoderOutput, EncoderState]:
+    def window(self, x: Tensor, state: EncoderState | None, scan: Any = None) -> tuple[EncoderOutput, EncoderState]:
         """``T`` consecutive steps of one stream at once; see :func:`encoder_window`."""
-        return encoder_window(x, state, self.w1, self.w2, self.w3, self.params())
+        return encoder_window(x, state, self.w1, self.w2, self.w3, self.params(), scan or scan_steps)
 
 
 def fresh_encoder_state(
@@ -237,7 +237,7 @@ def encoder_step(
     return out, EncoderState((n1, n2, n3), firsts, t + 1)  # type: ignore[arg-type]
 
 
-def _scan(i: Tensor, state: NeuronState | None, p: NeuronParams) -> tuple[Tensor, NeuronState]:
+def scan_steps(i: Tensor, state: NeuronState | None, p: NeuronParams) -> tuple[Tensor, NeuronState]:
     """Neuron updates over the T rows of ``i`` (T, C, H, W), in order; rows are consecutive steps."""
     spikes = []
     for t in range(i.shape[0]):
@@ -254,6 +254,7 @@ def encoder_window(
     w2: Tensor,
     w3: Tensor,
     params: tuple[NeuronParams, NeuronParams, NeuronParams],
+    scan: Callable[[Tensor, NeuronState | None, NeuronParams], tuple[Tensor, NeuronState]] = scan_steps,
 ) -> tuple[EncoderOutput, EncoderState]:
     """``T`` consecutive steps of ONE stream, layer by layer: ``x`` is (T, C_in, H, W), row t = step t.
 
@@ -266,6 +267,8 @@ def encoder_window(
     per conv cuts launches and host syncs by T (PERF-NOTES: it does not pay on a 2-core CPU,
     where the node keeps the per-step loop).  No first-spike maps (streaming use); the
     state's ``t`` advances by T.  ``has_spikes``/``n_classification_spikes`` are per row (T,).
+    ``scan``: the neuron recurrence over the T rows (:func:`scan_steps`, or the fused
+    :class:`model.fused.CompiledScan` on CUDA: one kernel per layer instead of ~7 per step).
     """
     if x.dim() != 4 or x.shape[0] < 1 or x.shape[-1] < 4 or x.shape[-2] < 4:
         raise ValueError(f"encoder window input must be (T, C, H, W) with T >= 1, H, W >= 4, got {tuple(x.shape)}")
@@ -275,11 +278,11 @@ def encoder_window(
         raise ValueError("encoder_window does not track first-spike maps; start from a state made with first_spikes=False")
     p1, p2, p3 = params
     n1, n2, n3 = state.neurons
-    s1, n1 = _scan(F.conv2d(x, w1, padding=2), n1, p1)
+    s1, n1 = scan(F.conv2d(x, w1, padding=2), n1, p1)
     pool1, idx1 = F.max_pool2d(s1, 2, stride=2, return_indices=True)
-    s2, n2 = _scan(F.conv2d(pool1, w2, padding=2), n2, p2)
+    s2, n2 = scan(F.conv2d(pool1, w2, padding=2), n2, p2)
     pool2, idx2 = F.max_pool2d(s2, 2, stride=2, return_indices=True)
-    s3, n3 = _scan(F.conv2d(pool2, w3, padding=3), n3, p3)
+    s3, n3 = scan(F.conv2d(pool2, w3, padding=3), n3, p3)
     n_cls = s3.flatten(1).sum(1)
     out = EncoderOutput(
         classification_spikes=s3,

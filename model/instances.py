@@ -731,33 +731,69 @@ def crop_spike_supports(
     a tiny fraction of the cost.  Returns ((offsets, pixels, bboxes), 1-based classes,
     skipped) like :func:`dense_spike_supports`.
     """
+    return crop_spike_supports_rows(dout, w1, w2, w3, gate, cut, cap, [row])[0]
+
+
+def crop_spike_supports_rows(
+    dout: Any, w1: Any, w2: Any, w3: Any, gate: bool, cut: float, cap: int, rows: list[int]
+) -> list[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray, int]]:
+    """:func:`crop_spike_supports` of several batch rows (the steps of a window) at once.
+
+    Each row keeps its own cap and selection; the crops of all rows' selected spikes run as
+    one batch (one set of launches per window instead of per step: ~200 host ops each, which
+    is what a GPU step waits for), with one host copy of the spike list and one of the
+    supports.  Results per row, identical to the one-row calls.
+    """
     import torch
 
-    s3 = dout.classification_spikes[row]  # (n, h4, w4)
-    n_cls, h4, w4 = s3.shape
-    nz = torch.nonzero(s3.permute(1, 2, 0) > 0)  # (B, 3): y, x, k in channels-last raster order
-    flat_np = ((nz[:, 0] * w4 + nz[:, 1]) * n_cls + nz[:, 2]).cpu().numpy()
-    sel, skipped = select_spikes(flat_np, cap)
-    if len(sel) == 0:
-        return (np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64)), np.zeros(0, np.int64), skipped
-    if skipped:
-        nz = nz[torch.as_tensor(np.searchsorted(flat_np, sel), device=nz.device)]
-    b = len(sel)
+    s3 = dout.classification_spikes  # (R, n, h4, w4)
+    n_cls, h4, w4 = s3.shape[1:]
     w = dout.pooling_output_sizes[0][1]
-    rb = torch.full((b,), row, dtype=torch.int64, device=nz.device)
-    sal, py, px = spike_crops(dout, w1, w2, w3, gate, rb, nz[:, 0], nz[:, 1], nz[:, 2])
-    okp = ((py >= 0)[:, :, None] & (px >= 0)[:, None, :])
-    sup = (sal > cut) & okp
-    flatpix = py[:, :, None] * w + px[:, None, :]
-    bi, pix = torch.nonzero(sup.reshape(b, -1), as_tuple=True)
-    pix_np = flatpix.reshape(b, -1)[bi, pix].cpu().numpy().astype(np.int64)
-    counts = np.bincount(bi.cpu().numpy(), minlength=b)
-    offsets = np.zeros(b + 1, np.int64)
-    offsets[1:] = np.cumsum(counts)
-    bboxes = np.full((b, 4), -1, np.int64)
-    for i in range(b):
-        q = pix_np[offsets[i] : offsets[i + 1]]
-        if len(q):
-            qy_, qx_ = np.divmod(q, w)
-            bboxes[i] = (qx_.min(), qy_.min(), qx_.max(), qy_.max())
-    return (offsets, pix_np, bboxes), sel % n_cls + 1, skipped
+    nz = torch.nonzero(s3.index_select(0, torch.as_tensor(rows, device=s3.device)).permute(0, 2, 3, 1) > 0)
+    nz_np = nz.cpu().numpy()  # (N, 4): row slot, y, x, k; raster order within each row
+    flat_np = (nz_np[:, 1] * w4 + nz_np[:, 2]) * n_cls + nz_np[:, 3]
+    bounds = np.searchsorted(nz_np[:, 0], np.arange(len(rows) + 1))
+    picks, sels, skips = [], [], []
+    for j in range(len(rows)):
+        flat = flat_np[bounds[j] : bounds[j + 1]]
+        sel, skipped = select_spikes(flat, cap)
+        sels.append(sel)
+        skips.append(skipped)
+        picks.append(bounds[j] + (np.searchsorted(flat, sel) if skipped else np.arange(len(flat))))
+    take = np.concatenate(picks) if picks else np.zeros(0, np.int64)
+    counts_per_row = np.array([len(x) for x in sels], np.int64)
+    b = len(take)
+    if b:
+        z = nz[torch.as_tensor(take, device=nz.device)]
+        rb = torch.as_tensor(np.repeat(np.asarray(rows, np.int64), counts_per_row), device=nz.device)
+        sal, py, px = spike_crops(dout, w1, w2, w3, gate, rb, z[:, 1], z[:, 2], z[:, 3])
+        okp = (py >= 0)[:, :, None] & (px >= 0)[:, None, :]
+        sup = (sal > cut) & okp
+        flatpix = py[:, :, None] * w + px[:, None, :]
+        bi, pix = torch.nonzero(sup.reshape(b, -1), as_tuple=True)
+        pix_all = flatpix.reshape(b, -1)[bi, pix].cpu().numpy().astype(np.int64)
+        per_spike = np.bincount(bi.cpu().numpy(), minlength=b)
+    else:
+        pix_all, per_spike = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.zeros(b + 1, np.int64)
+    starts[1:] = np.cumsum(per_spike)
+    # bounding boxes of all supports at once (segments of pix_all; -1s for an empty one)
+    bboxes_all = np.full((b, 4), -1, np.int64)
+    full = per_spike > 0
+    if full.any():
+        ys, xs = np.divmod(pix_all, w)
+        at = starts[:-1][full]
+        bboxes_all[full] = np.stack([np.minimum.reduceat(xs, at), np.minimum.reduceat(ys, at),
+                                     np.maximum.reduceat(xs, at), np.maximum.reduceat(ys, at)], 1)
+    out = []
+    a = 0
+    for j in range(len(rows)):
+        e = a + int(counts_per_row[j])
+        if e == a:
+            out.append(((np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64)),
+                        np.zeros(0, np.int64), skips[j]))
+            continue
+        offsets = starts[a : e + 1] - starts[a]
+        out.append(((offsets, pix_all[starts[a] : starts[e]], bboxes_all[a:e]), sels[j] % n_cls + 1, skips[j]))
+        a = e
+    return out

@@ -23,8 +23,10 @@ spikes, masks and instances bit for bit.
 Micro-batches: :meth:`ModelNode.process_batch` takes the steps the engine dequeued at
 once.  On CUDA (``batch_mode="auto"``) the dense path runs them as one window
 (:func:`model.encoder.encoder_window`: one conv per layer for all T steps, the neuron
-recurrence in order, one batched decode of the steps whose Conv3 fired, two host copies
-per window); on CPU it loops over steps (windows do not pay on 2 cores, PERF-NOTES).
+recurrence in order -- fused into one compiled kernel per layer with ``model.compile``
+(:mod:`model.fused`) --, one full-frame decode of all the steps whose Conv3 fired, two
+host copies per window); on CPU it loops over steps (windows do not pay on 2 cores,
+PERF-NOTES) and decodes the mask from per-spike crops (float64 full-frame convs are slow there).
 
 Instances (HULK-SMASH, :mod:`model.instances`): every classification spike is decoded on
 its own; sparse path: :meth:`SparseSpikeSEG.spike_supports`; dense path:
@@ -34,6 +36,7 @@ its own; sparse path: :meth:`SparseSpikeSEG.spike_supports`; dense path:
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -47,8 +50,10 @@ from stream.node import NodeError, RunContext, Transform, UsageError
 from . import instances as inst
 from .checkpoint import DEFAULT_WEIGHTS, load_into
 from .config import ModelConfig
-from .decoder import MaskWindowState, decode_mask_crops, union_window_np, window_step, window_steps
-from .encoder import Encoder, EncoderOutput, EncoderState
+from . import fused
+from .decoder import MaskWindowState, decode_mask, decode_mask_crops, union_window_np, window_step, window_steps
+from .encoder import Encoder, EncoderOutput, EncoderState, scan_steps
+from .fused import CompiledScan
 from .side import Overlap, SideThreads
 from .sparse import SparseSpikeSEG
 
@@ -60,6 +65,7 @@ _MASK_VS_SUPPORTS = 0.5
 __all__ = ["ModelConfig", "ModelNode", "build_model_node"]
 
 BatchMode = Literal["auto", "steps", "window"]
+DenseDecode = Literal["auto", "crops", "full"]
 _EMPTY_SUPPORTS = (np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64))
 
 
@@ -111,6 +117,7 @@ class ModelNode(Transform):
         device: str | torch.device,
         weights: str | None = None,
         batch_mode: BatchMode = "auto",
+        dense_decode: DenseDecode = "auto",
     ) -> None:
         mc = cfg["model"] if isinstance(cfg, dict) else cfg
         if not isinstance(mc, ModelConfig):
@@ -121,6 +128,8 @@ class ModelNode(Transform):
             raise UsageError(f"sensor size {size} is too small for the encoder; width and height must be >= 4")
         if batch_mode not in ("auto", "steps", "window"):
             raise UsageError(f"batch_mode={batch_mode!r} is not allowed; use auto, steps or window")
+        if dense_decode not in ("auto", "crops", "full"):
+            raise UsageError(f"dense_decode={dense_decode!r} is not allowed; use auto, crops or full")
         self.mc = mc
         self.size = size
         self.in_channels = in_channels
@@ -144,6 +153,18 @@ class ModelNode(Transform):
         self._windowed = self._path == "dense" and self.adapter is None and (
             batch_mode == "window" or (batch_mode == "auto" and not cpu)
         )
+        # the dense joint mask: full-frame transposed convs (~15 launches for every row of a
+        # window) on CUDA, per-spike 40x40 crops on CPU (no float64 MKL-DNN kernels there:
+        # ~70 ms per full frame at 346x260; the crops cost ~200 launches per 512 spikes,
+        # which is what made a GPU step launch-bound).  Same masks bit for bit either way.
+        self._full_decode = dense_decode == "full" or (dense_decode == "auto" and not cpu)
+        if mc.compile is True and not self._windowed:
+            raise UsageError(
+                "model.compile: true compiles the dense window path, which runs on CUDA; this node runs the "
+                f"{self._path} path on {self.device}; set model.compile: auto or false"
+            )
+        self._compile = self._windowed and (mc.compile is True or (mc.compile == "auto" and not cpu))
+        self._scan: CompiledScan | None = None
         self._inst_params: inst.InstanceParams | None = None
         if mc.instances:
             try:
@@ -177,10 +198,37 @@ class ModelNode(Transform):
             if self.mc.overlap_enabled() and self._inst_params is not None:
                 self._overlap = Overlap()
             self._warm_up()
+        if self._compile:
+            self._scan = self._compiled_scan(self.encoder)
         if self.adapter is not None:
             self.adapter.open(ctx, self.encoder)
             self._adapter_open = True
         self.reset()
+
+    def _compiled_scan(self, enc: Encoder) -> CompiledScan | None:
+        """The fused neuron scan, compiled and checked against eager now (before the stream runs).
+
+        ``model.compile: auto``: a failure (no compiler backend, or a result that differs from
+        eager) warns and returns None (eager); ``true``: it raises.
+        """
+        params = enc.params()
+        if not any(fused.compilable(p) for p in params):
+            return None  # multiplicative leak everywhere (kheradpisheh2018): nothing exact to compile
+        h, w = self.size.height, self.size.width
+        shapes = [(enc.w1.shape[0], h, w), (enc.w2.shape[0], h // 2, w // 2), (enc.w3.shape[0], h // 4, w // 4)]
+        scan = CompiledScan(scan_steps)
+        try:
+            with torch.inference_mode():
+                fused.verify(scan, shapes, params, self.device)
+        except Exception as e:  # noqa: BLE001 -- compiler backends raise many types; all mean "not here"
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            if self.mc.compile is True:
+                raise NodeError(f"model.compile: true, but the compiled neuron scan failed on {self.device}: {why}; "
+                                "set model.compile: false") from None
+            warnings.warn(f"model.compile: auto: the compiled neuron scan failed on {self.device} ({why}); "
+                          "running it eager (set model.compile: false to skip the try)", RuntimeWarning, stacklevel=2)
+            return None
+        return scan
 
     def _warm_up(self) -> None:
         """Load every compiled kernel of the event-driven path now, on a throw-away 16x16 state.
@@ -226,6 +274,7 @@ class ModelNode(Transform):
                 self._overlap.close()
                 self._overlap = None
             self.encoder = None
+            self._scan = None
             self._sparse_model = None
             self.reset()
 
@@ -506,7 +555,7 @@ class ModelNode(Transform):
         n1, n2, n3 = torch.stack([s1.sum(), s2.sum(), s3.sum()]).to(torch.int64).cpu().tolist()
         h, w = x.shape[-2:]
         if n3:
-            raw = decode_mask_crops(out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold)[0]
+            raw = self._joint_masks(out)[0]
         else:
             raw = torch.zeros((h, w), dtype=torch.uint8, device=x.device)
         instances = self._dense_instances(out, 0, n3, h, w, None) if self._inst_params is not None else []
@@ -528,7 +577,7 @@ class ModelNode(Transform):
         assert enc is not None
         mc = self.mc
         x = enc.prepare_input(torch.stack([s.frame for s in steps]).to(self.device, non_blocking=True))
-        out, self._enc_state = enc.window(x, self._enc_state)
+        out, self._enc_state = enc.window(x, self._enc_state, self._scan)
         t_n, (h, w) = x.shape[0], x.shape[-2:]
         counts = torch.stack([out.layer_spikes[k].flatten(1).sum(1) for k in ("conv1", "conv2", "conv3")], 1)
         counts_h = counts.to(torch.int64).cpu().tolist()  # sync 1 of 2 per window
@@ -536,7 +585,7 @@ class ModelNode(Transform):
         raws = torch.zeros((t_n, h, w), dtype=torch.uint8, device=x.device)
         if fired:
             rows = torch.tensor(fired, device=x.device)
-            raws[rows] = decode_mask_crops(_rows(out, rows), enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold)
+            raws[rows] = self._joint_masks(_rows(out, rows))
         masks, self._win_state = window_steps(raws, self._win_state, mc.mask_window, mc.mask_window_mode,
                                               mc.mask_decay, mc.n_classes)
         masks_h = masks.cpu().numpy()  # sync 2 of 2
@@ -546,22 +595,41 @@ class ModelNode(Transform):
             nz = torch.nonzero(s2.permute(0, 2, 3, 1).reshape(t_n, -1)).cpu().numpy()
             bounds = np.searchsorted(nz[:, 0], np.arange(t_n + 1))
             s2_rows = [nz[bounds[t] : bounds[t + 1], 1] for t in range(t_n)]
+        sups: dict[int, Any] = {}
+        if s2_rows is not None and fired:
+            # every fired row's per-spike supports in one batch of crops (not one per step)
+            enc, params = self.encoder, self._inst_params
+            assert enc is not None and params is not None
+            sups = dict(zip(fired, inst.crop_spike_supports_rows(
+                out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold, params.max_spikes, fired)))
         done = time.perf_counter_ns()
         results = []
         for t, step in enumerate(steps):
             n1, n2, n3 = counts_h[t]
-            found = self._dense_instances(out, t, n3, h, w, s2_rows[t]) if s2_rows is not None else []
+            found = self._dense_instances(out, t, n3, h, w, s2_rows[t], sups.get(t)) if s2_rows is not None else []
             results.append(MaskResult(step=step, mask=masks_h[t], instances=found,
                                       layer_spikes={"conv1": n1, "conv2": n2, "conv3": n3}, model_done_ns=done))
         return results
 
-    def _dense_instances(self, out: EncoderOutput, row: int, n3: int, h: int, w: int, s2: np.ndarray | None) -> list[Instance]:
-        """HULK-SMASH on the dense path for batch row ``row``: cropped per-spike supports, Conv2 history, tracking."""
+    def _joint_masks(self, out: EncoderOutput) -> torch.Tensor:
+        """Raw masks (R, H, W) uint8 of the rows of ``out`` (all fired): full frame or crops (see ``__init__``)."""
+        enc, mc = self.encoder, self.mc
+        assert enc is not None
+        if self._full_decode:
+            return decode_mask(out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold)
+        return decode_mask_crops(out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold)
+
+    def _dense_instances(self, out: EncoderOutput, row: int, n3: int, h: int, w: int, s2: np.ndarray | None,
+                         sup: Any = None) -> list[Instance]:
+        """HULK-SMASH on the dense path for batch row ``row``: cropped per-spike supports (``sup``:
+        already computed for the row), Conv2 history, tracking."""
         enc, mc, params = self.encoder, self.mc, self._inst_params
         assert enc is not None and params is not None
         if self._inst_state is None:
             self._inst_state = inst.fresh_instance_state(h, w, params)
-        if n3:
+        if sup is not None:
+            supports, classes, skipped = sup
+        elif n3:
             supports, classes, skipped = inst.crop_spike_supports(
                 out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold, params.max_spikes, row
             )

@@ -125,3 +125,15 @@ def test_tiny_adaptation_part_reports_update_cost(tmp_path: Path) -> None:
     update = [r for r in rows if r["name"].startswith("one Conv2 update")]
     assert update and update[0]["unit"] == "ms" and update[0]["stat"]["median"] > 0
     assert update[0]["extra"]["updates"] >= 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="with CUDA, part g times the GPU instead")
+def test_tiny_cuda_proxy_counts_host_ops_per_step() -> None:
+    """Part g without a GPU: the CUDA window recipe's host ops per step, eager vs compiled."""
+    res = run_all(TINY, "g", log=lambda s: None)
+    rows = {r.name: r for r in res.rows if r.section == "g cuda model"}
+    assert len(rows) == 4 and all(r.unit == "ops/step" and r.stat.median > 0 for r in rows.values())
+    for inst in ("off", "on"):
+        eager = rows[f"CUDA recipe ops/step (CPU), inst {inst}, eager scans, crop decode"].stat.median
+        now = rows[f"CUDA recipe ops/step (CPU), inst {inst}, compiled scans, full decode"].stat.median
+        assert now < eager / 3

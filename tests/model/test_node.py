@@ -428,6 +428,64 @@ def test_windowed_batches_equal_stepwise_with_instances_and_conv3_firing() -> No
     assert sum(r.layer_spikes["conv3"] for r in a) > 20 and sum(len(r.instances) for r in a) > 5
 
 
+def test_cuda_window_recipe_on_cpu_equals_stepwise() -> None:
+    """The CUDA window path as it runs there (neuron scans compiled by torch.compile, full-frame
+    joint decode), forced on CPU: the same masks, counts and instances as the per-step path,
+    across a full 16-step chunk, padded chunks and a reset."""
+    steps = _steps(21)
+    ref = _node(path="dense")
+    win = ModelNode(_config(path="dense", compile=True), SIZE, 2, "cpu", batch_mode="window", dense_decode="full")
+    win.open(_ctx())
+    try:
+        assert win._scan is not None  # compiled and verified against eager at open
+        a = [ref.process(s)[0] for s in steps]
+        b = win.process_batch(steps[:16]) + win.process_batch(steps[16:19]) + win.process_batch(steps[19:])
+        ref.reset()
+        win.reset()
+        a += [ref.process(s)[0] for s in steps[:7]]
+        b += win.process_batch(steps[:7])
+    finally:
+        ref.close()
+        win.close()
+    assert _summary(a) == _summary(b)
+    assert [r.instances for r in a] == [r.instances for r in b]
+    assert sum(r.layer_spikes["conv3"] for r in a) > 20 and sum(r.layer_spikes["conv1"] for r in a) > 100
+
+
+def test_compile_true_needs_the_window_path() -> None:
+    with pytest.raises(UsageError, match="model.compile: true compiles the dense window path"):
+        ModelNode(_config(path="sparse", compile=True), SIZE, 2, "cpu")
+    # auto stays eager on CPU, where the window path is not the default
+    node = ModelNode(_config(path="dense"), SIZE, 2, "cpu", batch_mode="window")
+    assert node._compile is False
+
+
+def test_compile_failure_is_an_error_with_true_and_a_warning_with_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that cannot compile (or a kernel that differs from eager) at open: ``true`` stops
+    with one line; ``auto`` (what CUDA runs) warns and runs the window eager, same results."""
+    from model import fused
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no compiler backend here\nlong backend log")
+
+    monkeypatch.setattr(fused, "verify", broken)
+    strict = ModelNode(_config(path="dense", compile=True), SIZE, 2, "cpu", batch_mode="window")
+    with pytest.raises(NodeError, match=r"compiled neuron scan failed on cpu: no compiler backend here; set model.compile: false$"):
+        strict.open(_ctx())
+    node = ModelNode(_config(path="dense"), SIZE, 2, "cpu", batch_mode="window")
+    node._compile = True  # auto's decision on CUDA
+    with pytest.warns(RuntimeWarning, match="model.compile: auto: .*no compiler backend here.*running it eager"):
+        node.open(_ctx())
+    ref = _node(path="dense")
+    try:
+        assert node._scan is None
+        steps = _steps(6)
+        assert _summary(node.process_batch(steps)) == _summary([ref.process(s)[0] for s in steps])
+    finally:
+        node.close()
+        ref.close()
+
+
 def test_sparse_reads_events_when_they_match_the_frame() -> None:
     steps = _binned_steps(16)
     assert sum(s.n_events for s in steps) > 100

@@ -878,6 +878,44 @@ def _mask_gated(
     return _mask_into(mask, best, bestmark, stamp0, k, sal, sallist, ns, cut, lit, n_lit)
 
 
+@njit(cache=True, nogil=True)
+def _cell_blocks(
+    ay: int, ax: int, base: int, blk: np.ndarray, w4: int, h4: int,
+    p2_head: np.ndarray, p2_hmark: np.ndarray, p2_beg: np.ndarray, p2_ch: np.ndarray, p2_off: np.ndarray,
+    t: int, w2f: np.ndarray,
+) -> None:
+    """The W2 taps from the active pool2 cells near pooled Conv1 cell ``(ay, ax)`` to it, as nine
+    dense blocks ``blk[base + j]`` of (4, 36) float32 (j = 3 (qy - qy0) + qx - qx0 over the 3 x 3
+    pool2 cells whose unpool targets can lie within 2 of it; channels without a P2 entry at q
+    are 0; blocks of inactive cells are left unwritten and never read)."""
+    qy0 = (ay - 2) >> 1
+    qx0 = (ax - 2) >> 1
+    for jy in range(3):
+        qy = qy0 + jy
+        if qy < 0 or qy >= h4:
+            continue
+        for jx in range(3):
+            qx = qx0 + jx
+            if qx < 0 or qx >= w4:
+                continue
+            q = qy * w4 + qx
+            if p2_hmark[_U(q)] != t:
+                continue
+            bb = (base + jy * 3 + jx) * 144
+            for i in range(144):
+                blk[_U(bb + i)] = 0.0
+            by = ay - 2 * qy + 2
+            bx = ax - 2 * qx + 2
+            for e in range(p2_beg[_U(q)], p2_head[_U(q)] + 1):
+                off = p2_off[_U(e)]
+                ci = p2_ch[_U(e)]
+                i2 = ((ci * 7 + by + 1 - (off >> 1)) * 7 + bx + 1 - (off & 1)) * 4
+                blk[_U(bb + ci)] = w2f[_U(i2)]
+                blk[_U(bb + 36 + ci)] = w2f[_U(i2 + 1)]
+                blk[_U(bb + 72 + ci)] = w2f[_U(i2 + 2)]
+                blk[_U(bb + 108 + ci)] = w2f[_U(i2 + 3)]
+
+
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _support_one(
     p: int, k: int, w3t: np.ndarray, w2p: np.ndarray, k1t: np.ndarray,
@@ -885,6 +923,7 @@ def _support_one(
     p2_head: np.ndarray, p2_hmark: np.ndarray, p2_beg: np.ndarray, p2_ch: np.ndarray, p2_off: np.ndarray,
     p1_head: np.ndarray, p1_hmark: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
     t: int, cut: float, loc: np.ndarray, pixels: np.ndarray, total: int, box: np.ndarray,
+    blk: np.ndarray, slot_of: np.ndarray, slot_mark: np.ndarray, mark: int, nsl: np.ndarray,
 ) -> int:
     """Gated support of ONE S3 spike (flat position ``p`` on the H/4 grid, class ``k``), by gather.
 
@@ -898,6 +937,16 @@ def _support_one(
     near each), instead of (P2 entries in reach) x 100.  Same sums, another order: float64
     and exact on the 2^-12 weight grid, so the supports are identical.
 
+    The W2 taps come from per-cell blocks (:func:`_cell_blocks`): a step's selected spikes
+    cluster on the objects, so each (pool2 cell, pooled Conv1 cell) pair is gathered for ~30
+    of them, and re-deriving the tap of every P2 entry each time (:func:`_gather_cell`: index
+    arithmetic and four dependent adds per entry) cost more than laying the taps of a pooled
+    Conv1 cell out once per call as dense (4, 36) blocks (slot ``slot_of[a]``, valid where
+    ``slot_mark[a] == mark``); a visit is then four length-36 dot products with W3's
+    contiguous channel row.  Missing channels are exact zeros and every product of two
+    2^-12-grid weights is exact, so the sums are the same.  When the ``blk`` slots run out a
+    cell is gathered entry by entry (``nsl[1]`` counts those cells; the caller grows ``blk``).
+
     The K1 scatter goes into ``loc``, a dense 40 x 40 crop of the pixels the spike can reach
     (rows 4 sy - 18 .. 4 sy + 21; all zeros on entry and on return), without bounds tests or
     touched-pixel marks, and the support (saliency > ``cut``, inside the sensor) is collected
@@ -909,10 +958,11 @@ def _support_one(
     h4 = p2_hmark.shape[0] // w4
     sy = p // w4
     sx = p - sy * w4
-    w3f = w3t.reshape(-1)  # (k, 7, 7, 36) and (36, 5, 5, 4), C-contiguous
-    w2f = w2p.reshape(-1)  # (36, 7, 7, 4): W2 with a zero border
-    k1f = k1t.reshape(-1)  # (4, 5, 5, 1)
-    oy = 4 * sy - 18  # crop origin in pixels
+    w3f = w3t.reshape(-1)
+    w2f = w2p.reshape(-1)
+    k1f = k1t.reshape(-1)
+    cap = blk.shape[0] // 1296  # 9 blocks x 144 per slot
+    oy = 4 * sy - 18
     ox = 4 * sx - 18
     rlo = 40
     rhi = -1
@@ -923,32 +973,51 @@ def _support_one(
             a = ay * w2 + ax
             if p1_hmark[_U(a)] != t:
                 continue
-            # four Conv1 features (fixed by the architecture): scalar accumulators stay in
-            # registers, where a small array would be stored and reloaded per entry
+            if slot_mark[_U(a)] == mark:
+                slot = slot_of[_U(a)]
+            elif nsl[0] < cap:
+                slot = nsl[0]
+                nsl[0] = slot + 1
+                slot_mark[_U(a)] = mark
+                slot_of[_U(a)] = slot
+                _cell_blocks(ay, ax, slot * 9, blk, w4, h4, p2_head, p2_hmark, p2_beg, p2_ch, p2_off, t, w2f)
+            else:
+                slot = -1
+                nsl[1] += 1
             d0 = 0.0
             d1 = 0.0
             d2 = 0.0
             d3 = 0.0
-            # pool2 cells whose unpool targets r can lie within 2 of (ay, ax), inside the spike's window
-            for qy in range(max(max(0, (ay - 2) >> 1), sy - 3), min(min(h4, ((ay + 2) >> 1) + 1), sy + 4)):
-                for qx in range(max(max(0, (ax - 2) >> 1), sx - 3), min(min(w4, ((ax + 2) >> 1) + 1), sx + 4)):
+            qy0 = (ay - 2) >> 1
+            qx0 = (ax - 2) >> 1
+            for qy in range(max(max(0, qy0), sy - 3), min(min(h4, qy0 + 3), sy + 4)):
+                for qx in range(max(max(0, qx0), sx - 3), min(min(w4, qx0 + 3), sx + 4)):
                     q = qy * w4 + qx
                     if p2_hmark[_U(q)] != t:
                         continue
-                    by = ay - 2 * qy + 2
-                    bx = ax - 2 * qx + 2
                     b3 = ((k * 7 + qy - sy + 3) * 7 + qx - sx + 3) * 36
-                    s0, s1, s2, s3 = _gather_cell(p2_beg[_U(q)], p2_head[_U(q)] + 1, p2_off, p2_ch, w3f, b3, w2f, by, bx)
-                    d0 += s0
-                    d1 += s1
-                    d2 += s2
-                    d3 += s3
+                    if slot >= 0:
+                        bb = ((slot * 9 + (qy - qy0) * 3 + qx - qx0)) * 144
+                        for ci in range(36):
+                            wv = np.float64(w3f[_U(b3 + ci)])
+                            d0 += wv * blk[_U(bb + ci)]
+                            d1 += wv * blk[_U(bb + 36 + ci)]
+                            d2 += wv * blk[_U(bb + 72 + ci)]
+                            d3 += wv * blk[_U(bb + 108 + ci)]
+                    else:
+                        by = ay - 2 * qy + 2
+                        bx = ax - 2 * qx + 2
+                        s0, s1, s2, s3 = _gather_cell(p2_beg[_U(q)], p2_head[_U(q)] + 1, p2_off, p2_ch, w3f, b3, w2f, by, bx)
+                        d0 += s0
+                        d1 += s1
+                        d2 += s2
+                        d3 += s3
             e = p1_head[a]
             while e >= 0:
                 c = p1_ch[e]
                 off = p1_off[e]
                 dc = d0 if c == 0 else (d1 if c == 1 else (d2 if c == 2 else d3))
-                ry = 2 * ay + (off >> 1) - oy  # unpool target in the crop: 2 .. 37
+                ry = 2 * ay + (off >> 1) - oy
                 rx = 2 * ax + (off & 1) - ox
                 rlo = min(rlo, ry)
                 rhi = max(rhi, ry)
@@ -996,7 +1065,7 @@ def _decode_batch(
     d2: np.ndarray, d2mark: np.ndarray, d2list: np.ndarray, d2pos: np.ndarray,
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
     offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, loc: np.ndarray, w2p: np.ndarray,
-    w3g: np.ndarray,
+    w3g: np.ndarray, blk: np.ndarray, nsl: np.ndarray,
 ) -> int:
     """Decode each S3 spike on its own (one-hot S3), all B spikes in one call.
 
@@ -1016,7 +1085,8 @@ def _decode_batch(
         if gate:
             total = _support_one(one[0], k, w3g, w2p, k1t, w4, h2, w2, h, w,
                                  p2_head, p2_hmark, p2_beg, p2_ch, p2_off,
-                                 p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, cut, loc, pixels, total, bboxes[b])
+                                 p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, cut, loc, pixels, total, bboxes[b],
+                                 blk, d2pos, d2mark, stamp0, nsl)
             continue
         _nd, ns = _decode(one, 1, k, w3t, w2t, k1t, w4, h2, w2, h, w,
                           p2_head, p2_hmark, p2_next, p2_pos, p2_ch, p2_off, n_p2,
@@ -1520,6 +1590,16 @@ class SparseSpikeSEG:
         pixels = own.get("pixels")
         if pixels is None or len(pixels) < need:  # kept: a fresh 1 MB buffer per step cost ~20 us
             pixels = own["pixels"] = np.empty(need, np.int64)  # only [:total] is written and read
+        # W2 blocks of the pooled Conv1 cells the gated supports visit (_support_one): 9 x 4 x 36
+        # float32 per cell; grown when the last call ran out of slots (those cells were
+        # gathered without blocks: same result, slower)
+        nsl = own.get("nsl")
+        blk = own.get("blk")
+        if nsl is None or blk is None or nsl[1] > 0:
+            cells = max(128, 2 * int(nsl[0] + nsl[1])) if nsl is not None else 128
+            blk = own["blk"] = np.empty(cells * 1296, np.float32)
+            nsl = own["nsl"] = np.zeros(2, np.int64)
+        nsl[:] = 0
         if scratch is None:
             stamp0 = state.stamp
             state.stamp += b + 1
@@ -1534,7 +1614,7 @@ class SparseSpikeSEG:
             ref.t, p.decoder_gate, stamp0,
             own["d3"], own["d3mark"], own["d3list"], own["d2"], own["d2mark"], own["d2list"], own["d2pos"],
             own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes, own["loc"], self._d2pf,
-            self._d3f,
+            self._d3f, blk, nsl,
         )
         return args, (offsets, pixels, bboxes)
 

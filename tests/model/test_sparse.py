@@ -298,3 +298,28 @@ def test_two_banks_keep_a_step_decodable_while_the_next_runs() -> None:
         sp.fresh_state(48, 64, banks=3)
     with pytest.raises(ValueError, match="no step to decode yet"):
         sp.spike_supports(sp.fresh_state(48, 64), np.zeros(1, np.int64))
+
+
+def test_supports_with_too_few_block_slots_equal_and_grow() -> None:
+    """Per-spike supports gather from per-cell W2 blocks; cells beyond the scratch's slots are
+    gathered entry by entry. Same supports either way, and the next call has room for all."""
+    cfg, enc, sp = _pair({"conv1_gain": 40.0})
+    rng = np.random.default_rng(5)
+    st = None
+    checked = 0
+    for t in range(10):
+        out, st = sp.step(_scene(t, 48, 64, rng, noise=0.0), st, decode=False)
+        if len(out.s3) < 4:
+            continue
+        expect = sp.spike_supports(st, out.s3)
+        small = sp.decode_scratch(st)
+        small["blk"] = np.empty(2 * 1296, np.float32)  # two cells' blocks
+        small["nsl"] = np.zeros(2, np.int64)
+        got = sp.spike_supports(st, out.s3, small)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expect))
+        assert small["nsl"][0] == 2 and small["nsl"][1] > 0  # both ways were taken
+        again = sp.spike_supports(st, out.s3, small)  # grown: every cell has a slot now
+        assert all(np.array_equal(a, b) for a, b in zip(again, expect))
+        assert small["nsl"][1] == 0 and len(small["blk"]) > 2 * 1296
+        checked += 1
+    assert checked >= 3

@@ -924,6 +924,7 @@ def _support_one(
     p1_head: np.ndarray, p1_hmark: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
     t: int, cut: float, loc: np.ndarray, pixels: np.ndarray, total: int, box: np.ndarray,
     blk: np.ndarray, slot_of: np.ndarray, slot_mark: np.ndarray, mark: int, nsl: np.ndarray,
+    row_beg: np.ndarray, row_x: np.ndarray,
 ) -> int:
     """Gated support of ONE S3 spike (flat position ``p`` on the H/4 grid, class ``k``), by gather.
 
@@ -947,6 +948,10 @@ def _support_one(
     2^-12-grid weights is exact, so the sums are the same.  When the ``blk`` slots run out a
     cell is gathered entry by entry (``nsl[1]`` counts those cells; the caller grows ``blk``).
 
+    The pooled Conv1 cells that spiked come row by row from ``row_beg`` / ``row_x``
+    (:func:`_active_rows`): ~10 of the crop's 324 cells are active, so testing each cell's
+    mark cost more than the cells' work.
+
     The K1 scatter goes into ``loc``, a dense 40 x 40 crop of the pixels the spike can reach
     (rows 4 sy - 18 .. 4 sy + 21; all zeros on entry and on return), without bounds tests or
     touched-pixel marks, and the support (saliency > ``cut``, inside the sensor) is collected
@@ -968,11 +973,14 @@ def _support_one(
     rhi = -1
     clo = 40
     chi = -1
+    ax_lo = max(0, 2 * sx - 8)
+    ax_hi = min(w2, 2 * sx + 10)
     for ay in range(max(0, 2 * sy - 8), min(h2, 2 * sy + 10)):
-        for ax in range(max(0, 2 * sx - 8), min(w2, 2 * sx + 10)):
-            a = ay * w2 + ax
-            if p1_hmark[_U(a)] != t:
+        for j in range(row_beg[ay], row_beg[ay + 1]):  # the active pooled Conv1 cells of row ay
+            ax = row_x[_U(j)]
+            if ax < ax_lo or ax >= ax_hi:
                 continue
+            a = ay * w2 + ax
             if slot_mark[_U(a)] == mark:
                 slot = slot_of[_U(a)]
             elif nsl[0] < cap:
@@ -1054,6 +1062,31 @@ def _support_one(
 
 
 @njit(cache=True, nogil=True)
+def _active_rows(p1_pos: np.ndarray, n_p1: int, w2: int, h2: int, row_beg: np.ndarray, row_x: np.ndarray) -> None:
+    """The distinct positions of a step's P1 entries (``p1_pos[:n_p1]``, grouped by position) by
+    row: row ``ay``'s columns are ``row_x[row_beg[ay]:row_beg[ay + 1]]`` (counting sort)."""
+    for ay in range(h2 + 1):
+        row_beg[ay] = 0
+    prev = -1
+    for e in range(n_p1):
+        a = p1_pos[e]
+        if a != prev:
+            row_beg[a // w2 + 1] += 1
+            prev = a
+    for ay in range(h2):
+        row_beg[ay + 1] += row_beg[ay]
+    fill = row_beg[:h2].copy()
+    prev = -1
+    for e in range(n_p1):
+        a = p1_pos[e]
+        if a != prev:
+            ay = a // w2
+            row_x[fill[ay]] = a - ay * w2
+            fill[ay] += 1
+            prev = a
+
+
+@njit(cache=True, nogil=True)
 def _decode_batch(
     spikes: np.ndarray, n_cls: int, cut: float, w3t: np.ndarray, w2t: np.ndarray, k1t: np.ndarray,
     w4: int, h2: int, w2: int, h: int, w: int,
@@ -1065,7 +1098,8 @@ def _decode_batch(
     d2: np.ndarray, d2mark: np.ndarray, d2list: np.ndarray, d2pos: np.ndarray,
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
     offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, loc: np.ndarray, w2p: np.ndarray,
-    w3g: np.ndarray, blk: np.ndarray, nsl: np.ndarray,
+    w3g: np.ndarray, blk: np.ndarray, nsl: np.ndarray, p1_pos: np.ndarray, n_p1: int,
+    row_beg: np.ndarray, row_x: np.ndarray,
 ) -> int:
     """Decode each S3 spike on its own (one-hot S3), all B spikes in one call.
 
@@ -1077,6 +1111,8 @@ def _decode_batch(
     """
     one = np.zeros(1, dtype=np.int64)
     total = 0
+    if gate and spikes.shape[0] > 0:
+        _active_rows(p1_pos, n_p1, w2, h2, row_beg, row_x)
     for b in range(spikes.shape[0]):
         e = spikes[b]
         one[0] = e // n_cls
@@ -1086,7 +1122,7 @@ def _decode_batch(
             total = _support_one(one[0], k, w3g, w2p, k1t, w4, h2, w2, h, w,
                                  p2_head, p2_hmark, p2_beg, p2_ch, p2_off,
                                  p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, cut, loc, pixels, total, bboxes[b],
-                                 blk, d2pos, d2mark, stamp0, nsl)
+                                 blk, d2pos, d2mark, stamp0, nsl, row_beg, row_x)
             continue
         _nd, ns = _decode(one, 1, k, w3t, w2t, k1t, w4, h2, w2, h, w,
                           p2_head, p2_hmark, p2_next, p2_pos, p2_ch, p2_off, n_p2,
@@ -1600,6 +1636,9 @@ class SparseSpikeSEG:
             blk = own["blk"] = np.empty(cells * 1296, np.float32)
             nsl = own["nsl"] = np.zeros(2, np.int64)
         nsl[:] = 0
+        rows = own.get("p1rows")
+        if rows is None or len(rows[0]) != g.h2 + 1:  # active pooled Conv1 cells by row (_active_rows)
+            rows = own["p1rows"] = (np.zeros(g.h2 + 1, np.int64), np.zeros(g.h2 * g.w2, np.int64))
         if scratch is None:
             stamp0 = state.stamp
             state.stamp += b + 1
@@ -1614,7 +1653,7 @@ class SparseSpikeSEG:
             ref.t, p.decoder_gate, stamp0,
             own["d3"], own["d3mark"], own["d3list"], own["d2"], own["d2mark"], own["d2list"], own["d2pos"],
             own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes, own["loc"], self._d2pf,
-            self._d3f, blk, nsl,
+            self._d3f, blk, nsl, pb["ppos1"], ref.n_p1, rows[0], rows[1],
         )
         return args, (offsets, pixels, bboxes)
 

@@ -395,7 +395,7 @@ def host_ops(results: Results, settings: BenchSettings) -> None:
     ev, _ = inputs.scene_events(cfg, size, 60)
     steps = inputs.bin_steps(ev, size)
     t_n = 16  # engine.max_batch: the window the engine hands the node under load
-    for inst_on in (False, True):
+    for inst_on in (False,) if settings.tiny else (False, True):  # tiny (tests): one compilation
         for decode, comp in (("crops", False), ("full", True)):
             mc = dataclasses.replace(cfg["model"], instances=inst_on, compile=comp)
             node = ModelNode(mc, size, cfg["binner"].channels, "cpu", batch_mode="window", dense_decode=decode)

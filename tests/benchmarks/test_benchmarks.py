@@ -132,8 +132,8 @@ def test_tiny_cuda_proxy_counts_host_ops_per_step() -> None:
     """Part g without a GPU: the CUDA window recipe's host ops per step, eager vs compiled."""
     res = run_all(TINY, "g", log=lambda s: None)
     rows = {r.name: r for r in res.rows if r.section == "g cuda model"}
-    assert len(rows) == 4 and all(r.unit == "ops/step" and r.stat.median > 0 for r in rows.values())
-    for inst in ("off", "on"):
+    assert len(rows) == 2 and all(r.unit == "ops/step" and r.stat.median > 0 for r in rows.values())
+    for inst in ("off",):  # tiny runs instances off only (one compilation); make bench adds "on"
         eager = rows[f"CUDA recipe ops/step (CPU), inst {inst}, eager scans, crop decode"].stat.median
         now = rows[f"CUDA recipe ops/step (CPU), inst {inst}, compiled scans, full decode"].stat.median
         assert now < eager / 3

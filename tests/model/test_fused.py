@@ -48,12 +48,12 @@ def test_multiplicative_leak_stays_eager() -> None:
 
 
 def test_verify_reports_a_scan_that_differs() -> None:
-    p = NeuronParams(torch.full((2, 1, 1), 10.0), "none")
+    p = NeuronParams(torch.full((3, 1, 1), 10.0), "none")  # the IF shape compiled above (inductor's cache)
 
     def wrong_eager(i: torch.Tensor, state: NeuronState | None, params: NeuronParams):
         return scan_steps(i, state, params._replace(theta=params.theta * 2))
 
     scan = fused.CompiledScan(wrong_eager)
-    fused.verify(fused.CompiledScan(scan_steps), [(2, 5, 6)], (p,), torch.device("cpu"))
-    with pytest.raises(AssertionError, match=r"differs from eager on a \(2, 5, 6\) layer"):
-        fused.verify(scan, [(2, 5, 6)], (p,), torch.device("cpu"))
+    fused.verify(fused.CompiledScan(scan_steps), [(3, 9, 11)], (p,), torch.device("cpu"))
+    with pytest.raises(AssertionError, match=r"differs from eager on a \(3, 9, 11\) layer"):
+        fused.verify(scan, [(3, 9, 11)], (p,), torch.device("cpu"))

@@ -791,8 +791,7 @@ def crop_spike_supports_rows(
     for j in range(len(rows)):
         e = a + int(counts_per_row[j])
         if e == a:
-            out.append(((np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64)),
-                        np.zeros(0, np.int64), skips[j]))
+            out.append((empty_supports(), np.zeros(0, np.int64), skips[j]))
             continue
         offsets = starts[a : e + 1] - starts[a]
         out.append(((offsets, pix_all[starts[a] : starts[e]], bboxes_all[a:e]), sels[j] % n_cls + 1, skips[j]))

@@ -921,7 +921,7 @@ def _support_one(
     p: int, k: int, w3t: np.ndarray, w2p: np.ndarray, k1t: np.ndarray,
     w4: int, h2: int, w2: int, h: int, w: int,
     p2_head: np.ndarray, p2_hmark: np.ndarray, p2_beg: np.ndarray, p2_ch: np.ndarray, p2_off: np.ndarray,
-    p1_head: np.ndarray, p1_hmark: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
+    p1_head: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
     t: int, cut: float, loc: np.ndarray, pixels: np.ndarray, total: int, box: np.ndarray,
     blk: np.ndarray, slot_of: np.ndarray, slot_mark: np.ndarray, mark: int, nsl: np.ndarray,
     row_beg: np.ndarray, row_x: np.ndarray,
@@ -992,10 +992,13 @@ def _support_one(
             else:
                 slot = -1
                 nsl[1] += 1
+            # four Conv1 features (fixed by the architecture): scalar accumulators stay in
+            # registers, where a small array would be stored and reloaded per entry
             d0 = 0.0
             d1 = 0.0
             d2 = 0.0
             d3 = 0.0
+            # pool2 cells whose unpool targets r can lie within 2 of (ay, ax), inside the spike's window
             qy0 = (ay - 2) >> 1
             qx0 = (ax - 2) >> 1
             for qy in range(max(max(0, qy0), sy - 3), min(min(h4, qy0 + 3), sy + 4)):
@@ -1025,7 +1028,7 @@ def _support_one(
                 c = p1_ch[e]
                 off = p1_off[e]
                 dc = d0 if c == 0 else (d1 if c == 1 else (d2 if c == 2 else d3))
-                ry = 2 * ay + (off >> 1) - oy
+                ry = 2 * ay + (off >> 1) - oy  # unpool target in the crop: 2 .. 37
                 rx = 2 * ax + (off & 1) - ox
                 rlo = min(rlo, ry)
                 rhi = max(rhi, ry)
@@ -1121,7 +1124,8 @@ def _decode_batch(
         if gate:
             total = _support_one(one[0], k, w3g, w2p, k1t, w4, h2, w2, h, w,
                                  p2_head, p2_hmark, p2_beg, p2_ch, p2_off,
-                                 p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, cut, loc, pixels, total, bboxes[b],
+                                 p1_head, p1_next, p1_ch, p1_off, t, cut, loc, pixels, total, bboxes[b],
+                                 # the gated path leaves d2pos / d2mark unused: block slots and marks
                                  blk, d2pos, d2mark, stamp0, nsl, row_beg, row_x)
             continue
         _nd, ns = _decode(one, 1, k, w3t, w2t, k1t, w4, h2, w2, h, w,

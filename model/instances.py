@@ -83,6 +83,10 @@ class InstanceState:
     qstamp: int = 0
     tracks: list[tuple[int, int, tuple[int, int, int, int]]] = field(default_factory=list)
     next_id: int = 1
+    #: ``tracks`` as (n, 5) int64 rows ``cls, x0, y0, x1, y1`` for the matcher, valid while
+    #: ``tracks`` is the list object ``track_rows_of`` (a new list means rebuild it)
+    track_rows: np.ndarray | None = field(default=None, repr=False, compare=False)
+    track_rows_of: list[Any] | None = field(default=None, repr=False, compare=False)
     skipped_spikes: int = 0  # spikes beyond max_spikes in the last step
 
 
@@ -93,6 +97,20 @@ def fresh_instance_state(height: int, width: int, params: InstanceParams) -> Ins
     written = np.zeros((params.ash_window, h2 * w2), np.int64)
     return InstanceState(h2, w2, hist, written, np.zeros(params.ash_window, np.int64),
                          qmark=np.full(h2 * w2, -1, np.int64))
+
+
+def reset_instance_state(state: InstanceState) -> InstanceState:
+    """``state`` as :func:`fresh_instance_state` makes it, in place: the history cleared at the
+    positions each slot wrote (not 2 x 1.8 MB at 346x260), no tracks, ids from 1.  ``qstamp``
+    keeps counting, so ``qmark`` needs no clearing."""
+    for slot in range(state.hist.shape[1]):
+        state.hist[state.written[slot, : state.n_written[slot]], slot] = 0
+    state.n_written[:] = 0
+    state.slot = -1
+    state.tracks = []
+    state.next_id = 1
+    state.skipped_spikes = 0
+    return state
 
 
 def record_conv2(state: InstanceState, s2: np.ndarray) -> None:
@@ -400,21 +418,33 @@ def track(
     Pairs (object, track) of the same class with IoU >= ``track_iou`` are taken best first
     (ties: lower object index, then lower track index); each object and track once.
     """
-    n_o, n_t = len(objs), len(state.tracks)
-    match = np.full(n_o, -1, np.int64)
-    if n_o and n_t:
-        ob = np.array([[c, *bb] for c, bb, _a in objs], np.int64)
-        tb = np.array([[c, *bb] for _i, c, bb in state.tracks], np.int64)
-        match = _match(ob, tb, float(track_iou))
+    rows = np.array([[c, *bb, a] for c, bb, a in objs], np.int64).reshape(-1, 6)
+    return track_groups(rows, state, track_iou)
+
+
+def track_groups(groups: np.ndarray, state: InstanceState, track_iou: float) -> list[Instance]:
+    """:func:`track` for objects as (n, 6) int64 rows ``cls, x0, y0, x1, y1, area`` (what
+    :func:`_group_all` returns): no conversion to tuples and back (~10-20 µs per step)."""
+    n_o = groups.shape[0]
+    prev = state.tracks
+    boxes = np.ascontiguousarray(groups[:, :5])
+    match: list[int] = []
+    if n_o and prev:
+        if state.track_rows is None or state.track_rows_of is not prev:
+            state.track_rows = np.array([[c, *bb] for _i, c, bb in prev], np.int64).reshape(-1, 5)
+        match = _match(boxes, state.track_rows, float(track_iou)).tolist()
     out = []
-    for i, (cls, bb, area) in enumerate(objs):
-        if match[i] >= 0:
-            oid = state.tracks[int(match[i])][0]
+    nid = state.next_id
+    for i, (cls, x0, y0, x1, y1, area) in enumerate(groups.tolist()):
+        if match and match[i] >= 0:
+            oid = prev[match[i]][0]
         else:
-            oid = state.next_id
-            state.next_id += 1
-        out.append(Instance(id=oid, cls=cls, bbox=bb, area=area))
+            oid = nid
+            nid += 1
+        out.append(Instance(oid, cls, (x0, y0, x1, y1), area))  # positional: ~0.5 µs less each
+    state.next_id = nid
     state.tracks = [(inst.id, inst.cls, inst.bbox) for inst in out]
+    state.track_rows, state.track_rows_of = boxes, state.tracks
     return out
 
 
@@ -514,7 +544,8 @@ def sparse_hulk(
     args, (offsets, _pixels, _bboxes) = model.supports_args(sstate, spikes, scratch, at)
     n = state.hist.shape[1]
     slot = (state.slot + 1) % n
-    classes = np.ascontiguousarray(spikes % model.n_classes + 1, dtype=np.int64)
+    n_cls = model.n_classes
+    classes = np.ascontiguousarray(spikes % n_cls + 1, dtype=np.int64) if n_cls > 1 else np.ones(len(spikes), np.int64)
     n_written, groups = _hulk(
         *args, state.hist, slot, state.written[slot], int(state.n_written[slot]),
         np.ascontiguousarray(out.s2, dtype=np.int64), state.qmark, state.qstamp, classes, float(params.smash_tau),
@@ -526,8 +557,7 @@ def sparse_hulk(
         state.tracks = []
         return [], state
     state.qstamp += len(offsets)
-    objs = [(int(r[0]), (int(r[1]), int(r[2]), int(r[3]), int(r[4])), int(r[5])) for r in groups.tolist()]
-    return track(objs, state, params.track_iou), state
+    return track_groups(groups, state, params.track_iou), state
 
 
 @njit(cache=True, nogil=True)

@@ -279,17 +279,29 @@ class ModelNode(Transform):
             self.reset()
 
     def reset(self) -> None:
-        """Drop every piece of streaming state (membranes, window, tracks); learned weights stay."""
-        self._enc_state: EncoderState | None = None
-        self._sp_state: Any = None
-        self._side_scratch: list[dict[str, np.ndarray]] = []
-        self._ov_scratch: dict[str, np.ndarray] | None = None
-        self._win_state: MaskWindowState | None = None
-        self._sp_win: _SparseWindow | None = None
-        self._inst_state: inst.InstanceState | None = None
-        self._events_ok: bool | None = None
+        """Drop every piece of streaming state (membranes, window, tracks); learned weights stay.
+
+        The event-driven path's state and decode buffers are kept and refilled in place
+        (:meth:`SparseSpikeSEG.reset_state`): new ones cost ~20-30 ms at 346x260, mostly page
+        faults.  They are dropped when the sensor size changes (:meth:`_sparse_encode`)."""
         if getattr(self, "_overlap", None) is not None:
             self._overlap.drain()  # a held step's HULK-SMASH (see iter_batch's ``more``): dropped with the state
+        self._enc_state: EncoderState | None = None
+        sp_state = getattr(self, "_sp_state", None)
+        if sp_state is not None and self._sparse_model is not None:
+            self._sparse_model.reset_state(sp_state)
+        else:
+            self._sp_state: Any = None
+            self._side_scratch: list[dict[str, np.ndarray]] = []
+            self._ov_scratch: dict[str, np.ndarray] | None = None
+        self._win_state: MaskWindowState | None = None
+        self._sp_win: _SparseWindow | None = None
+        ist = getattr(self, "_inst_state", None)
+        if ist is not None and self._path == "sparse":
+            inst.reset_instance_state(ist)
+        else:
+            self._inst_state: inst.InstanceState | None = None
+        self._events_ok: bool | None = None
         self._ov_held: tuple[Step, Any, np.ndarray] | None = None
         if self.adapter is not None:
             self.adapter.reset()
@@ -361,15 +373,20 @@ class ModelNode(Transform):
         """The encoder step of the event-driven path (no decode yet); the state advances."""
         spm = self._sparse_model
         assert spm is not None  # set by open() for the sparse path (internal invariant)
-        if self._sp_state is None:
+        st = self._sp_state
+        if st is not None and (st.grid.h, st.grid.w) != (self.size.height, self.size.width):
+            # a StreamReset changed the sensor size: new state, decode buffers and instances
+            st = self._sp_state = self._ov_scratch = self._inst_state = None
+            self._side_scratch = []
+        if st is None:
             banks = 2 if self._overlap is not None else 1
             self._sp_state = spm.fresh_state(self.size.height, self.size.width, banks=banks)
         if self._use_events(step):
             # the bin's events give the same active-input list as the frame (verified once per
             # stream), in ~2 us instead of a ~70 us scan of the 2 x H x W frame at 346x260
-            sout, self._sp_state = spm.step(None, self._sp_state, events=step.events, decode=False)
+            sout, self._sp_state = spm.step(None, self._sp_state, events=step.events, decode=False, entries=False)
         else:
-            sout, self._sp_state = spm.step(step.frame, self._sp_state, decode=False)
+            sout, self._sp_state = spm.step(step.frame, self._sp_state, decode=False, entries=False)
         return sout
 
     def flush(self) -> Iterator[MaskResult]:

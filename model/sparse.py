@@ -74,6 +74,14 @@ LEAK_CODES = {"subtractive": 0, "multiplicative": 1, "none": 2}
 #: arithmetic (numba turns int64 op uint64 into a float).
 _U = np.uint64
 
+#: Conv2's scatter accumulates into ``cur`` by slot (the position's index in the step's touched
+#: list), not by position: the currents of a step then lie in nt x 36 contiguous floats that
+#: stay in cache, instead of 144-byte rows spread over a 3.2 MB map (346x260) that the
+#: scatter and the update each missed.  ``mark`` holds ``(t << _SLOT_BITS) | slot`` (``t``: steps
+#: since reset, so no overflow before 2^37 steps).
+_SLOT_BITS = 26
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
+
 @njit(cache=True, nogil=True)
 def _active_from_frame(
     frame: np.ndarray, bits: np.ndarray, hw: int, binary: bool, pos: np.ndarray, ch: np.ndarray, val: np.ndarray
@@ -187,7 +195,9 @@ def _layer(
     semantics), float32 (exact: binary inputs, weights on the 2^-12 grid in [0, 1], at most
     1,764 terms), for every active input.  ``wt`` is W as float32 (ci, K, K, co) so
     the innermost loop runs over contiguous output channels.  Touched 2-D positions are
-    listed once per step (``mark == t``).  Then at touched positions only: replay the
+    listed once per step (``mark == t``; with several output channels ``mark`` also holds
+    the position's slot, and ``cur`` is by slot: row j of ``cur`` is ``touched[j]``'s, see
+    ``_SLOT_BITS``).  Then at touched positions only: replay the
     missed leak steps, apply this step's update in float32, threshold, reset.  Below
     ``exact_below`` (see :func:`exact_leak_limit`) the replay is done in closed form.
     Spikes are flat channels-last indices ``(oy * wo + ox) * C + co``.
@@ -245,11 +255,13 @@ def _layer(
                 if ox < 0 or ox >= wo:
                     continue
                 o = oy * wo + ox
-                if mark[o] != t:
-                    mark[o] = t
+                m = mark[_U(o)]
+                if (m >> _SLOT_BITS) != t:
+                    m = (t << _SLOT_BITS) | nt
+                    mark[_U(o)] = m
                     touched[nt] = o
                     nt += 1
-                base = o * co_n
+                base = (m & _SLOT_MASK) * co_n
                 wb = ((ci * k_n + ky) * k_n + kx) * co_n
                 for co in range(co_n):
                     cur[_U(base + co)] += v * wf[_U(wb + co)]
@@ -270,14 +282,16 @@ def _layer(
         k = t - 1 - last[o]
         last[o] = t
         base = o * co_n
+        cb = j * co_n if co_n != 1 else o
         kl = np.float64(max(k, 0)) * lam64
         n_fire = 0
         for co in range(co_n):
             e = _U(base + co)
+            ec = _U(cb + co)
             r = np.float64(v_mem[e]) - kl
             v32 = np.float32(r) if r > 0.0 else zero
-            i32 = np.float32(cur[e])
-            cur[e] = 0.0
+            i32 = np.float32(cur[ec])
+            cur[ec] = 0.0
             v32 = (v32 + i32) - lam
             v32 = v32 if v32 > zero else zero
             f = v32 >= theta[_U(co)]
@@ -294,11 +308,12 @@ def _layer(
         k = t - 1 - last[o]
         last[o] = t
         base = o * co_n
+        cb = j * co_n if co_n != 1 else o
         for co in range(co_n):
             e = base + co
             v32 = _replay(v_mem[e], k, mode, lam, beta, exact_below)
-            i32 = np.float32(cur[e])
-            cur[e] = 0.0
+            i32 = np.float32(cur[cb + co])
+            cur[cb + co] = 0.0
             v32 = _integrate(v32, i32, mode, lam, beta)
             if v32 >= theta[co] and not (fire_once and fired[e] != 0):
                 spikes[ns] = e
@@ -1288,7 +1303,7 @@ class SparseOutput(NamedTuple):
 
     ``s1``/``s2``/``s3``: spikes as flat channels-last indices ``(y * W_l + x) * C_l + c``;
     ``p1``/``p2``: pooled entries (flat pooled position, channel, first-spike window offset
-    0..3) as an (n, 3) int64 array; ``mask``: (H, W) uint8 raw mask (0 = background, k =
+    0..3) as an (n, 3) int64 array (None after ``step(..., entries=False)``); ``mask``: (H, W) uint8 raw mask (0 = background, k =
     class k) or an all-zero mask without S3 spikes; ``layer_spikes``: counts per layer;
     ``t``: the step's index since reset; ``lit``: the flat indices of the mask's non-zero
     pixels (unordered; the window consumes them instead of scanning the mask).
@@ -1297,8 +1312,8 @@ class SparseOutput(NamedTuple):
     s1: np.ndarray
     s2: np.ndarray
     s3: np.ndarray
-    p1: np.ndarray
-    p2: np.ndarray
+    p1: np.ndarray | None
+    p2: np.ndarray | None
     mask: np.ndarray
     layer_spikes: dict[str, int]
     t: int
@@ -1454,9 +1469,43 @@ class SparseSpikeSEG:
                 for _ in range(banks - 1)]
         return SparseState(grid=g, v=v, last=last, fired=fired, scratch=sc, rec1=rec1, banks=[bank0, *more])
 
+    def reset_state(self, state: SparseState) -> SparseState:
+        """``state`` back to what :meth:`fresh_state` makes (same size and banks), in place.
+
+        A fresh state is ~57-68 MB of arrays at 346x260 (sized for every neuron spiking):
+        10-22 ms, mostly page faults, and more faults in its first steps (a node reset cost
+        ~6 % of a 600-step run).  This refills only what a step reads before writing:
+        membranes, last-update steps, fire-once masks and the marks compared with the step
+        counter (which restarts at 0).  Marks compared with decode stamps stay as they are:
+        ``state.stamp`` keeps counting, so no old mark matches a new stamp.  The buffers a
+        step leaves all zero (currents, event counts, crops, bit rows) are zero already.
+        """
+        for v in state.v[1:]:
+            v[:] = 0.0
+        for last in state.last[1:]:
+            last[:] = -1
+        rec1 = state.rec1
+        if rec1 is not None:
+            rec1["cur"] = 0.0
+            rec1["v"] = 0.0
+            rec1["last"] = -1
+            rec1["mark"] = -1
+        for f in state.fired:
+            f[:] = 0
+        sc = state.scratch
+        for k in ("mark2", "mark3", "pmark1", "pmark2"):
+            sc[k][:] = -1
+        for bank in state.banks:
+            bank["hmark1"][:] = -1
+            bank["hmark2"][:] = -1
+        state.t = 0
+        state.ref = None
+        return state
+
     # ------------------------------------------------------------------ step
     def step(
-        self, x: Any, state: SparseState | None, events: np.ndarray | None = None, decode: bool = True
+        self, x: Any, state: SparseState | None, events: np.ndarray | None = None, decode: bool = True,
+        entries: bool = True,
     ) -> tuple[SparseOutput, SparseState]:
         """One time step.
 
@@ -1466,7 +1515,9 @@ class SparseSpikeSEG:
         results when the frame was binned from those events.  ``state=None`` starts fresh
         (a frame is then required for the size).  Returns (output, state) with ``state``
         updated in place.  ``decode=False`` leaves the mask empty: call :meth:`decode_mask`
-        (e.g. on one thread while :meth:`spike_supports` runs on another).
+        (e.g. on one thread while :meth:`spike_supports` runs on another).  ``entries=False``
+        leaves ``p1``/``p2`` out (None): nothing in the pipeline reads them, and gathering
+        them cost ~15 µs per step at 346x260 (:meth:`pooling_indices` needs them).
         """
         sc: dict[str, np.ndarray]
         if x is not None:
@@ -1523,8 +1574,8 @@ class SparseSpikeSEG:
         n_lit = self._decode_mask(s3, mask, state) if n3 and decode else 0
         return SparseOutput(
             s1=sc["spk1"][:n1].copy(), s2=sc["spk2"][:n2].copy(), s3=s3,
-            p1=_entries(pb, "1", np1),
-            p2=_entries(pb, "2", np2),
+            p1=_entries(pb, "1", np1) if entries else None,
+            p2=_entries(pb, "2", np2) if entries else None,
             mask=mask,
             layer_spikes={"conv1": int(n1), "pool1": int(np1), "conv2": int(n2), "pool2": int(np2), "conv3": int(n3)},
             t=t,
@@ -1623,8 +1674,8 @@ class SparseSpikeSEG:
         p = self.params
         spk = np.ascontiguousarray(spikes, dtype=np.int64)
         b = len(spk)
-        offsets = np.zeros(b + 1, np.int64)
-        bboxes = np.full((b, 4), -1, np.int64)
+        offsets = np.empty(b + 1, np.int64)  # the kernels write every entry of both
+        bboxes = np.empty((b, 4), np.int64)
         # a spike's support is at most its receptive field: 7x7 at H/4 -> about 42 x 42 pixels
         need = max(1, b * 44 * 44)
         pixels = own.get("pixels")
@@ -1734,6 +1785,8 @@ class SparseSpikeSEG:
 
     def pooling_indices(self, out: SparseOutput, state: SparseState) -> tuple[np.ndarray, np.ndarray]:
         """idx1 (4, H/2, W/2), idx2 (36, H/4, W/4) int64 exactly as ``max_pool2d(return_indices=True)``."""
+        if out.p1 is None or out.p2 is None:
+            raise ValueError("this output has no pooled entries: it came from step(..., entries=False)")
         g = state.grid
         res = []
         for pe, (hp, wp, c, w) in zip((out.p1, out.p2), ((g.h2, g.w2, 4, g.w), (g.h4, g.w4, 36, g.w2))):

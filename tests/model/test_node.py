@@ -254,6 +254,34 @@ def test_overlap_gives_the_same_masks_instances_and_counts_across_batches_and_re
     assert ovl._overlap is None  # the helper thread is stopped
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sparse_reset_reuses_the_state_and_equals_a_fresh_node(overlap: bool) -> None:
+    """A reset keeps the event-driven state's arrays (refilled in place, no new 50+ MB) and
+    the next steps give what a new node gives: masks, counts, instances and their ids."""
+    steps = _steps(40)
+    used = _node(path="sparse", overlap=overlap)
+    new = _node(path="sparse", overlap=overlap)
+    try:
+        used.process_batch(steps[:25])
+        st, ist = used._sp_state, used._inst_state
+        assert st is not None and st.t == 25 and ist is not None and ist.next_id > 1
+        used.process(StreamReset("test"))
+        assert used._sp_state is st and used._inst_state is ist  # kept, refilled
+        assert st.t == 0 and ist.next_id == 1 and ist.tracks == [] and not ist.hist.any()
+        a, b = used.process_batch(steps[25:]), new.process_batch(steps[25:])
+        assert _summary(a) == _summary(b) and [r.instances for r in a] == [r.instances for r in b]
+        assert sum(len(r.instances) for r in a) > 5
+        # a new sensor size: new state, decode buffers and instance state
+        small = SensorSize(SIZE.width - 8, SIZE.height - 4)
+        used.process(StreamReset("test", size=small))
+        out = used.process_batch(_steps(6, small))
+        assert used._sp_state is not st and used._sp_state.grid.w == small.width and len(out) == 6
+        assert used._inst_state is not ist
+    finally:
+        used.close()
+        new.close()
+
+
 def test_overlap_helper_error_reaches_the_caller_and_the_node_goes_on(monkeypatch) -> None:
     node = _node(path="sparse", overlap=True)
     steps = _steps(8)

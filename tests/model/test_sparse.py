@@ -300,6 +300,42 @@ def test_two_banks_keep_a_step_decodable_while_the_next_runs() -> None:
         sp.spike_supports(sp.fresh_state(48, 64), np.zeros(1, np.int64))
 
 
+@pytest.mark.parametrize("over", [{}, {"fire_once": True, "leak": "multiplicative"}])
+def test_reset_state_in_place_equals_a_fresh_state(over: dict) -> None:
+    """A used state refilled by ``reset_state`` (its arrays kept) runs on exactly like a new
+    one: spikes, pooled entries, masks and supports, step after step, with both banks.  Before
+    the reset noise reaches every neuron up to step 29; after it the input is blank until
+    step 29, so every mark left from before meets its own step count again, at other
+    positions and in another touch order (other slots)."""
+    cfg, enc, sp = _pair({"conv1_gain": 40.0, **over})
+    rng = np.random.default_rng(5)
+    before = [_scene(t, 48, 64, rng, noise=0.05) for t in range(30)]
+    frames = [np.zeros((2, 48, 64), np.float32)] * 29 + [_scene(t, 48, 64, rng, noise=0.01) for t in range(12)]
+    used = sp.fresh_state(48, 64, banks=2)
+    for f in before:
+        _out, used = sp.step(f, used)
+        sp.spike_supports(used, _out.s3[:8])
+    stamp = used.stamp
+    assert sp.reset_state(used) is used and used.t == 0 and used.ref is None and used.stamp == stamp
+    new = sp.fresh_state(48, 64, banks=2)
+    fired = 0
+    for t, f in enumerate(frames):
+        a, used = sp.step(f, used)
+        b, new = sp.step(f, new)
+        for name in ("s1", "s2", "s3", "p1", "p2", "mask", "lit"):
+            x, y = getattr(a, name), getattr(b, name)
+            if name == "lit":
+                x, y = np.sort(x), np.sort(y)
+            assert np.array_equal(x, y), f"step {t}: {name} differs after reset_state"
+        assert a.layer_spikes == b.layer_spikes
+        spikes = a.s3[:8]
+        assert all(np.array_equal(x, y) for x, y in zip(sp.spike_supports(used, spikes), sp.spike_supports(new, spikes)))
+        fired += len(a.s3) > 0
+    assert fired >= 3
+    for x, y in zip(sp.membranes(used), sp.membranes(new)):
+        assert np.array_equal(x, y)
+
+
 def test_supports_with_too_few_block_slots_equal_and_grow() -> None:
     """Per-spike supports gather from per-cell W2 blocks; cells beyond the scratch's slots are
     gathered entry by entry. Same supports either way, and the next call has room for all."""

@@ -282,7 +282,7 @@ class ModelNode(Transform):
         """Drop every piece of streaming state (membranes, window, tracks); learned weights stay.
 
         The event-driven path's state and decode buffers are kept and refilled in place
-        (:meth:`SparseSpikeSEG.reset_state`): new ones cost ~20-30 ms at 346x260, mostly page
+        (:meth:`SparseSpikeSEG.reset_state`): new ones cost 10-22 ms at 346x260, mostly page
         faults.  They are dropped when the sensor size changes (:meth:`_sparse_encode`)."""
         if getattr(self, "_overlap", None) is not None:
             self._overlap.drain()  # a held step's HULK-SMASH (see iter_batch's ``more``): dropped with the state

@@ -1303,8 +1303,9 @@ class SparseOutput(NamedTuple):
 
     ``s1``/``s2``/``s3``: spikes as flat channels-last indices ``(y * W_l + x) * C_l + c``;
     ``p1``/``p2``: pooled entries (flat pooled position, channel, first-spike window offset
-    0..3) as an (n, 3) int64 array (None after ``step(..., entries=False)``); ``mask``: (H, W) uint8 raw mask (0 = background, k =
-    class k) or an all-zero mask without S3 spikes; ``layer_spikes``: counts per layer;
+    0..3) as an (n, 3) int64 array (None after ``step(..., entries=False)``); ``mask``:
+    (H, W) uint8 raw mask (0 = background, k = class k) or an all-zero mask without S3
+    spikes; ``layer_spikes``: counts per layer;
     ``t``: the step's index since reset; ``lit``: the flat indices of the mask's non-zero
     pixels (unordered; the window consumes them instead of scanning the mask).
     """

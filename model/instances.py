@@ -83,10 +83,6 @@ class InstanceState:
     qstamp: int = 0
     tracks: list[tuple[int, int, tuple[int, int, int, int]]] = field(default_factory=list)
     next_id: int = 1
-    #: ``tracks`` as (n, 5) int64 rows ``cls, x0, y0, x1, y1`` for the matcher, valid while
-    #: ``tracks`` is the list object ``track_rows_of`` (a new list means rebuild it)
-    track_rows: np.ndarray | None = field(default=None, repr=False, compare=False)
-    track_rows_of: list[Any] | None = field(default=None, repr=False, compare=False)
     skipped_spikes: int = 0  # spikes beyond max_spikes in the last step
 
 
@@ -430,9 +426,8 @@ def track_groups(groups: np.ndarray, state: InstanceState, track_iou: float) -> 
     boxes = np.ascontiguousarray(groups[:, :5])
     match: list[int] = []
     if n_o and prev:
-        if state.track_rows is None or state.track_rows_of is not prev:
-            state.track_rows = np.array([[c, *bb] for _i, c, bb in prev], np.int64).reshape(-1, 5)
-        match = _match(boxes, state.track_rows, float(track_iou)).tolist()
+        tracked = np.array([[c, *bb] for _i, c, bb in prev], np.int64)
+        match = _match(boxes, tracked, float(track_iou)).tolist()
     out = []
     nid = state.next_id
     for i, (cls, x0, y0, x1, y1, area) in enumerate(groups.tolist()):
@@ -444,7 +439,6 @@ def track_groups(groups: np.ndarray, state: InstanceState, track_iou: float) -> 
         out.append(Instance(oid, cls, (x0, y0, x1, y1), area))  # positional: ~0.5 µs less each
     state.next_id = nid
     state.tracks = [(inst.id, inst.cls, inst.bbox) for inst in out]
-    state.track_rows, state.track_rows_of = boxes, state.tracks
     return out
 
 
@@ -544,8 +538,7 @@ def sparse_hulk(
     args, (offsets, _pixels, _bboxes) = model.supports_args(sstate, spikes, scratch, at)
     n = state.hist.shape[1]
     slot = (state.slot + 1) % n
-    n_cls = model.n_classes
-    classes = np.ascontiguousarray(spikes % n_cls + 1, dtype=np.int64) if n_cls > 1 else np.ones(len(spikes), np.int64)
+    classes = np.ascontiguousarray(spikes % model.n_classes + 1, dtype=np.int64)
     n_written, groups = _hulk(
         *args, state.hist, slot, state.written[slot], int(state.n_written[slot]),
         np.ascontiguousarray(out.s2, dtype=np.int64), state.qmark, state.qstamp, classes, float(params.smash_tau),

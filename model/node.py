@@ -66,7 +66,6 @@ __all__ = ["ModelConfig", "ModelNode", "build_model_node"]
 
 BatchMode = Literal["auto", "steps", "window"]
 DenseDecode = Literal["auto", "crops", "full"]
-_EMPTY_SUPPORTS = (np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64))
 
 
 def _parse_device(device: str | torch.device) -> torch.device:
@@ -621,8 +620,8 @@ class ModelNode(Transform):
         sups: dict[int, Any] = {}
         if s2_rows is not None and fired:
             # every fired row's per-spike supports in one batch of crops (not one per step)
-            enc, params = self.encoder, self._inst_params
-            assert enc is not None and params is not None
+            params = self._inst_params
+            assert params is not None
             sups = dict(zip(fired, inst.crop_spike_supports_rows(
                 out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold, params.max_spikes, fired)))
         done = time.perf_counter_ns()
@@ -657,7 +656,7 @@ class ModelNode(Transform):
                 out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold, params.max_spikes, row
             )
         else:
-            supports, classes, skipped = _EMPTY_SUPPORTS, np.zeros(0, np.int64), 0
+            supports, classes, skipped = inst.empty_supports(), np.zeros(0, np.int64), 0
         if s2 is None:
             # Conv2 spikes as flat channels-last indices (y * W2 + x) * 36 + f, the history's layout
             s2 = torch.nonzero(out.layer_spikes["conv2"][row].permute(1, 2, 0).reshape(-1)).flatten().cpu().numpy()

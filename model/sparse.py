@@ -795,7 +795,7 @@ def _gather_cell(
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _mask_gated(
-    spk_pos: np.ndarray, n_spk: int, k: int, w3t: np.ndarray, w2p: np.ndarray, k1t: np.ndarray,
+    spk_pos: np.ndarray, n_spk: int, k: int, w3rows: np.ndarray, w2p: np.ndarray, k1t: np.ndarray,
     w4: int, h4: int, w2: int, h: int, w: int,
     p2_head: np.ndarray, p2_hmark: np.ndarray, p2_beg: np.ndarray, p2_ch: np.ndarray, p2_off: np.ndarray,
     p1_pos: np.ndarray, n_p1: int,
@@ -813,14 +813,17 @@ def _mask_gated(
     D2 is gathered at each P1 position ``a``: ``D2[a, c] = sum_e D3[e] W2[ci_e, a - r_e + 2, c]``
     over the P2 entries ``e`` (pool2 cell ``q``, channel ``ci``, unpool target ``r``) with
     ``r`` within 2 of ``a``; ``D3[e] = sum_s W3[k, q - s + 3, ci]`` over the S3 spikes ``s`` in
-    the 7x7 window of ``q`` is gathered once per pool2 cell for all 36 channels (a contiguous,
-    vectorised add per spike in the window; cached by ``d3mark``; scattering it from the
-    spikes instead measured ~20 % slower, one gather per entry ~10 % slower) from row bitmasks of the spikes.  Then the K1
-    scatter at the P1 entries, as in :func:`_decode`.  Same sums, another order: float64 and
-    exact on the 2^-12 weight grid, so the mask is identical.
+    the 7x7 window of ``q`` is gathered once per pool2 cell for all 36 channels (cached by
+    ``d3mark``; scattering it from the spikes instead measured ~20 % slower, one gather per
+    entry ~10 % slower): one contiguous, vectorised add per window row, of the row's spike
+    pattern (7 bits of the S3 row bitmasks) looked up in ``w3rows`` (:func:`w3_row_table`);
+    a first version added W3 once per spike, bit by bit (~1,500 cycles per cell at the
+    scene's S3 density).  Then the K1 scatter at the P1 entries, as in :func:`_decode`.
+    Same sums, another order: float64 and exact on the 2^-12 weight grid, so the mask is
+    identical.
     """
     w2f = w2p.reshape(-1)  # (36, 7, 7, 4): W2 with a zero border; four Conv1 features (the architecture)
-    w3f = w3t.reshape(-1)  # (k, 7, 7, 36)
+    w3r = w3rows.reshape(-1)  # (k, 7, 128, 36): W3 summed over each row pattern
     # S3 as row bitmasks (``s3bits``: (H/4, words) uint64, zero on entry and on return; column
     # sx at bit sx + 3): an entry's 7 x 7 window is 7 word extractions and its set bits, not
     # 49 mark tests (S3 is ~10 % dense on the scene).  uint64 throughout: numba turns mixed
@@ -859,16 +862,12 @@ def _mask_gated(
                         bits = s3bits[_U(sy), _U(wd)] >> sh
                         if sh != zero64:
                             bits |= s3bits[_U(sy), _U(wd + 1)] << (np.uint64(64) - sh)
-                        bits &= np.uint64(127)
-                        ky3 = qy - sy + 3
-                        jx = 6  # bit j is column qx - 3 + j: W3 column 6 - j
-                        while bits != zero64:
-                            if bits & one:
-                                wb = ((k * 7 + ky3) * 7 + jx) * 36
-                                for ci in range(36):  # contiguous: vectorised
-                                    d3q[_U(qb + ci)] += w3f[_U(wb + ci)]
-                            bits >>= one
-                            jx -= 1
+                        bits &= np.uint64(127)  # bit j is column qx - 3 + j
+                        if bits == zero64:
+                            continue
+                        wb = ((k * 7 + qy - sy + 3) * 128 + np.int64(bits)) * 36
+                        for ci in range(36):  # contiguous: vectorised
+                            d3q[_U(qb + ci)] += w3r[_U(wb + ci)]
                 by = ay - 2 * qy + 2
                 bx = ax - 2 * qx + 2
                 s0, s1, s2, s3 = _gather_cell(p2_beg[_U(q)], p2_head[_U(q)] + 1, p2_off, p2_ch, d3q, qb, w2f, by, bx)
@@ -1174,6 +1173,16 @@ def _decode_batch(
 
 
 # --------------------------------------------------------------------------- python side
+def w3_row_table(w3t: np.ndarray) -> np.ndarray:
+    """(k, 7, 128, 36) float64: ``[k, ky, pattern]`` = the sum of ``w3t[k, ky, 6 - j]`` (``w3t``:
+    W3 as (k, 7, 7, 36)) over the set bits j of ``pattern``, i.e. one row of a pool2 cell's
+    D3 for the S3 spikes of that row (:func:`_mask_gated`: bit j = column ``qx - 3 + j``).
+    258 KB per class."""
+    bits = ((np.arange(128)[:, None] >> np.arange(7)[None, :]) & 1).astype(np.float64)  # (128, 7): bit j
+    # column 6 - j for bit j: the kernel's columns reversed
+    return np.ascontiguousarray(np.einsum("pj,kyjc->kypc", bits, w3t[:, :, ::-1, :]))
+
+
 def exact_leak_limit(lam: float) -> np.float32:
     """The largest power of two P such that every float32 ``v < P`` has ``ulp(v)`` dividing ``lam``.
 
@@ -1381,6 +1390,7 @@ class SparseSpikeSEG:
         self._e3 = np.ascontiguousarray(w3n.transpose(1, 2, 3, 0).astype(np.float32))
         # decoder (transposed convs): W3 (k, K, K, 36), W2 (36, K, K, 4), K1 = sum_cin W1 (4, K, K)
         self._d3 = np.ascontiguousarray(w3n.transpose(0, 2, 3, 1).astype(f64))
+        self._d3rows = w3_row_table(self._d3)
         self._d2 = np.ascontiguousarray(w2n.transpose(0, 2, 3, 1).astype(f64))
         self._d2p = np.zeros((self._d2.shape[0], 7, 7, self._d2.shape[3]), f64)  # zero border: branch-free gathers
         self._d2p[:, 1:6, 1:6, :] = self._d2
@@ -1403,8 +1413,8 @@ class SparseSpikeSEG:
 
         ``banks`` = 2 keeps two sets of pooling lists (:class:`PoolRef`), so that a step's
         supports can be decoded while the next step runs (~12 MB more at 346x260)."""
-        if banks not in (1, 2):
-            raise ValueError(f"banks={banks} is not allowed; use 1 or 2")
+        if not 1 <= banks <= 4:
+            raise ValueError(f"banks={banks} is not allowed; use 1 .. 4")
         if height < 4 or width < 4:
             raise ValueError(f"sensor {width}x{height} is too small; the model needs H, W >= 4")
         h, w = height, width
@@ -1733,7 +1743,7 @@ class SparseSpikeSEG:
             stamp = self._next_stamp(state)
             if p.decoder_gate:
                 n_lit = _mask_gated(
-                    np.ascontiguousarray(sel), len(sel), k, self._d3, self._d2p, self._k1, g.w4, g.h4, g.w2, g.h, g.w,
+                    np.ascontiguousarray(sel), len(sel), k, self._d3rows, self._d2p, self._k1, g.w4, g.h4, g.w2, g.h, g.w,
                     pb["head2"], pb["hmark2"], pb["pbeg2"], pb["pch2"], pb["poffo2"],
                     pb["ppos1"], ref.n_p1, pb["head1"], pb["next1"], pb["pch1"], pb["poffo1"],
                     t, stamp, sc["s3bits"], sc["d3q"], sc["d3qmark"], sc["sal"], sc["salmark"], sc["sallist"],

@@ -62,6 +62,10 @@ from .sparse import SparseSpikeSEG
 # with the threads slowing each other, 0.4 .. 0.6 measured the same within noise)
 _MASK_VS_SUPPORTS = 0.5
 
+#: overlap pipeline: HULK-SMASH jobs in flight on the helper while the model thread encodes on
+#: (``OVERLAP_DEPTH + 1`` banks of pooling lists, ~12 MB each at 346x260)
+OVERLAP_DEPTH = 2
+
 __all__ = ["ModelConfig", "ModelNode", "build_model_node"]
 
 BatchMode = Literal["auto", "steps", "window"]
@@ -301,7 +305,7 @@ class ModelNode(Transform):
         else:
             self._inst_state: inst.InstanceState | None = None
         self._events_ok: bool | None = None
-        self._ov_held: Step | None = None  # overlap: a step whose job runs on across batches
+        self._ov_held = 0  # overlap: steps whose jobs run on across batches (see iter_batch's ``more``)
         if self.adapter is not None:
             self.adapter.reset()
 
@@ -343,7 +347,7 @@ class ModelNode(Transform):
             yield from self.flush()  # the held step was produced before the bad one: hand it on
             raise
         if self._path == "sparse":  # numpy kernels: no torch autograd state to switch off
-            if self._overlap is not None and (len(steps) > 1 or self._ov_held is not None):
+            if self._overlap is not None and (len(steps) > 1 or self._ov_held):
                 yield from self._sparse_overlapped(steps, more)
             else:
                 for s in steps:
@@ -378,7 +382,7 @@ class ModelNode(Transform):
             st = self._sp_state = self._ov_scratch = self._inst_state = None
             self._side_scratch = []
         if st is None:
-            banks = 2 if self._overlap is not None else 1
+            banks = OVERLAP_DEPTH + 1 if self._overlap is not None else 1
             self._sp_state = spm.fresh_state(self.size.height, self.size.width, banks=banks)
         if self._use_events(step):
             # the bin's events give the same active-input list as the frame (verified once per
@@ -389,34 +393,37 @@ class ModelNode(Transform):
         return sout
 
     def flush(self) -> Iterator[MaskResult]:
-        """The result held back by ``iter_batch(..., more=...)``, if any (waits for its HULK-SMASH).
+        """The results held back by ``iter_batch(..., more=...)``, if any, in step order (waits
+        for their HULK-SMASH).
 
         The engine calls it when no step is queued behind a batch it ran with ``more``.
         """
-        held, self._ov_held = self._ov_held, None
-        if held is not None:
-            assert self._overlap is not None  # only the overlap pipeline holds a step
+        held, self._ov_held = self._ov_held, 0
+        if held:
+            ov = self._overlap
+            assert ov is not None  # only the overlap pipeline holds steps
             try:
-                res = self._overlap.result()
+                while ov.pending:
+                    yield ov.result()
             finally:
-                self._overlap.drain()
-            yield res
+                ov.drain()
 
     def _sparse_overlapped(self, steps: list[Step], more: Callable[[], bool] | None = None) -> Iterator[MaskResult]:
         """The micro-batch as a two-stage pipeline on two threads; same results as :meth:`_sparse_one` per step.
 
         The model thread runs step t + 1's encoder and joint mask while the helper
         (:class:`model.side.Overlap`) runs step t's HULK-SMASH (per-spike supports, ASH,
-        grouping, tracking), mask window and result.  The helper reads step t's pooling lists from their own bank
-        (two banks: step t + 1 writes the other; step t + 2 reuses this one only after the
-        result of step t was taken) and decodes with its own scratch; it alone touches the
-        instance state, in step order.  Results come out in step order, each as soon as its
-        HULK-SMASH is done.
+        grouping, tracking), mask window and result.  Up to ``OVERLAP_DEPTH`` jobs are in
+        flight, so a step whose encoder runs long and one whose HULK-SMASH runs long do not
+        stall each other.  The helper reads step t's pooling lists from their own bank
+        (``OVERLAP_DEPTH + 1`` banks, used in turn: step t + depth + 1 reuses step t's only
+        after the result of step t was taken) and decodes with its own scratch; it alone
+        touches the instance state, in step order.  Results come out in step order.
         """
         spm, ip, ov = self._sparse_model, self._inst_params, self._overlap
         assert spm is not None and ip is not None and ov is not None  # process_batch's condition
-        # a step held from the previous batch: its job is still queued or running on the helper
-        pending, self._ov_held = self._ov_held, None
+        # steps held from the previous batch: their jobs are still queued or running on the helper
+        self._ov_held = 0
         held = False
         try:
             for step in steps:
@@ -426,21 +433,18 @@ class ModelNode(Transform):
                     self._ov_scratch = spm.decode_scratch(st)
                 ref = st.ref
                 sout = spm.decode_mask(sout, st)
-                # queue step t's job before waiting for step t - 1's: the helper goes from one
-                # to the next without waiting for this thread to wake, yield and submit
+                # queue step t's job before waiting for an older one's: the helper goes from
+                # one to the next without waiting for this thread to wake, yield and submit
                 # (~0.1 ms per step on the critical path otherwise).  Step t + 1's encoder
-                # starts only after step t - 1's job is done, so it never writes the bank a
-                # job still reads.
+                # starts only after step t - depth's job is done, so it never writes the bank
+                # a job still reads.
                 ov.submit(lambda sout=sout, ref=ref, st=st, step=step: self._overlap_job(spm, st, step, sout, ref))
-                if pending is not None:
-                    pending = None
+                if ov.pending > OVERLAP_DEPTH:
                     yield ov.result()
-                pending = step
-            if pending is not None and more is not None and more():
-                self._ov_held, held = pending, True  # its job runs on; the next batch yields it
+            if ov.pending and more is not None and more():
+                self._ov_held, held = ov.pending, True  # their jobs run on; the next batch yields them
                 return
-            if pending is not None:
-                pending = None
+            while ov.pending:
                 yield ov.result()
         finally:
             if not held:  # after an error or an early close: the helper is idle before anyone touches the state

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.node import ModelNode, build_model_node
+from model.node import OVERLAP_DEPTH, ModelNode, build_model_node
 from stream.config import Config, build
 from stream.events import MaskResult, SensorSize, Step, StreamReset, empty_events
 from stream.node import NodeError, RunContext, UsageError
@@ -305,18 +305,22 @@ def test_overlap_helper_error_reaches_the_caller_and_the_node_goes_on(monkeypatc
         node.close()
 
 
-def test_overlap_holds_a_batch_s_last_step_while_more_is_queued() -> None:
+def test_overlap_holds_a_batch_s_last_steps_while_more_is_queued() -> None:
     """``iter_batch(batch, more=...)``: the pipeline runs on across batches (no drain per
-    micro-batch); the held result comes first in the next call, from ``flush``, before a
-    reset and before a bad batch's error, and the results equal the sequential node's."""
+    micro-batch, ``OVERLAP_DEPTH`` jobs in flight); the held results come first in the next
+    call, from ``flush``, before a reset and before a bad batch's error, and the results
+    equal the sequential node's."""
+    d = OVERLAP_DEPTH
+    assert d >= 1
     steps = _steps(24)
     seq = _node(path="sparse", overlap=False)
     ovl = _node(path="sparse", overlap=True)
     try:
         ref = seq.process_batch(steps)
         got = list(ovl.iter_batch(steps[:5], more=lambda: True))
-        assert [r.step.index for r in got] == [0, 1, 2, 3] and ovl._overlap.pending == 1
+        assert [r.step.index for r in got] == list(range(5 - d)) and ovl._overlap.pending == d
         got += list(ovl.iter_batch(steps[5:6], more=lambda: True))  # one step: still pipelined
+        assert [r.step.index for r in got] == list(range(6 - d)) and ovl._overlap.pending == d
         got += list(ovl.iter_batch(steps[6:12], more=lambda: False))
         assert [r.step.index for r in got] == list(range(12)) and ovl._overlap.pending == 0
         got += list(ovl.iter_batch(steps[12:20], more=lambda: True))
@@ -324,19 +328,20 @@ def test_overlap_holds_a_batch_s_last_step_while_more_is_queued() -> None:
         assert list(ovl.flush()) == [] and ovl._overlap.pending == 0
         assert _summary(got) == _summary(ref[:20])
         assert [r.instances for r in got] == [r.instances for r in ref[:20]]
-        # a reset behind a held step: the step's result first, then the reset
-        list(ovl.iter_batch(steps[20:22], more=lambda: True))
+        # a reset behind held steps: their results first, in order, then the reset
+        list(ovl.iter_batch(steps[20:20 + d + 1], more=lambda: True))
         out = ovl.process(StreamReset("next file"))
-        assert [type(o) for o in out] == [MaskResult, StreamReset] and out[0].step.index == 21
-        # a bad batch behind a held step: the step's result comes out, then the error
-        list(ovl.iter_batch(steps[:3], more=lambda: True))
-        bad = _steps(1, SensorSize(48, 32), start=3)
+        assert [type(o) for o in out] == [MaskResult] * d + [StreamReset]
+        assert [o.step.index for o in out[:d]] == list(range(21, 21 + d))
+        # a bad batch behind held steps: their results come out, then the error
+        list(ovl.iter_batch(steps[:d + 1], more=lambda: True))
+        bad = _steps(1, SensorSize(48, 32), start=d + 1)
         it = ovl.iter_batch(bad)
-        assert next(it).step.index == 2
+        assert [next(it).step.index for _ in range(d)] == list(range(1, d + 1))
         with pytest.raises(NodeError, match="frame is 2x32x48"):
             next(it)
-        # reset() drops a held step with the state: the helper is idle and the node starts afresh
-        list(ovl.iter_batch(steps[:3], more=lambda: True))
+        # reset() drops held steps with the state: the helper is idle and the node starts afresh
+        list(ovl.iter_batch(steps[:d + 1], more=lambda: True))
         ovl.reset()
         assert ovl._overlap.pending == 0 and list(ovl.flush()) == []
         again = list(ovl.iter_batch(steps[:6]))
@@ -362,14 +367,15 @@ def test_overlap_auto_follows_the_usable_cpus(monkeypatch) -> None:
 @pytest.mark.parametrize("overlap", [False, True])
 def test_iter_batch_hands_each_result_on_before_the_batch_is_done(overlap: bool) -> None:
     """The engine forwards results as iter_batch yields them: the first comes after one step
-    (two with the overlap pipeline, which encodes step t + 1 before step t's instances are in)."""
+    (1 + OVERLAP_DEPTH with the overlap pipeline, which encodes steps t + 1 .. t + depth
+    before step t's instances are in)."""
     steps = _steps(6)
     node = _node(path="sparse", overlap=overlap)
     ref = _node(path="sparse", overlap=False)
     try:
         it = node.iter_batch(steps)
         first = next(it)
-        assert first.step.index == 0 and node._sp_state.t == (2 if overlap else 1)
+        assert first.step.index == 0 and node._sp_state.t == (1 + OVERLAP_DEPTH if overlap else 1)
         rest = list(it)
         assert node._sp_state.t == 6 and [r.step.index for r in rest] == [1, 2, 3, 4, 5]
         assert _summary([first, *rest]) == _summary(ref.process_batch(steps))

@@ -272,30 +272,32 @@ def test_bad_input_and_params_are_loud() -> None:
         sp.step(np.zeros((2, 16, 20), np.float32), st)
 
 
-def test_two_banks_keep_a_step_decodable_while_the_next_runs() -> None:
-    """With banks=2, step t's supports (``at=ref``) are the same after step t + 1 ran as right after step t."""
+@pytest.mark.parametrize("banks", [2, 3])
+def test_banks_keep_a_step_decodable_while_the_next_ones_run(banks: int) -> None:
+    """With ``banks`` banks, step t's supports (``at=ref``) are the same after steps t + 1 ..
+    t + banks - 1 ran as right after step t (the overlap pipeline's jobs in flight)."""
     cfg, enc, sp = _pair({"conv1_gain": 40.0})
     rng = np.random.default_rng(3)
     frames = [_scene(t, 48, 64, rng, noise=0.0) for t in range(12)]
-    one, two = None, sp.fresh_state(48, 64, banks=2)
+    one, many = None, sp.fresh_state(48, 64, banks=banks)
     checked = 0
-    prev: tuple | None = None
+    prev: list[tuple] = []
     for f in frames:
         out1, one = sp.step(f, one, decode=False)
-        out2, two = sp.step(f, two, decode=False)
-        assert len(two.banks) == 2 and len(one.banks) == 1
-        if prev is not None:  # the previous step, decoded after this one ran (its bank is intact)
-            ref, spikes, expect = prev
-            got = sp.spike_supports(two, spikes, sp.decode_scratch(two), at=ref)
+        _out, many = sp.step(f, many, decode=False)
+        assert len(many.banks) == banks and len(one.banks) == 1
+        if len(prev) == banks - 1:  # the oldest kept step, decoded after banks - 1 more ran
+            ref, spikes, expect = prev.pop(0)
+            got = sp.spike_supports(many, spikes, sp.decode_scratch(many), at=ref)
             assert all(np.array_equal(a, b) for a, b in zip(got, expect))
             checked += len(spikes) > 0
         spikes = out1.s3[:8]
         expect = sp.spike_supports(one, spikes)  # single bank: right after its step
-        assert all(np.array_equal(a, b) for a, b in zip(sp.spike_supports(two, spikes), expect))
-        prev = (two.ref, spikes, expect)
+        assert all(np.array_equal(a, b) for a, b in zip(sp.spike_supports(many, spikes), expect))
+        prev.append((many.ref, spikes, expect))
     assert checked >= 5
-    with pytest.raises(ValueError, match="banks=3 is not allowed"):
-        sp.fresh_state(48, 64, banks=3)
+    with pytest.raises(ValueError, match="banks=5 is not allowed"):
+        sp.fresh_state(48, 64, banks=5)
     with pytest.raises(ValueError, match="no step to decode yet"):
         sp.spike_supports(sp.fresh_state(48, 64), np.zeros(1, np.int64))
 

@@ -181,6 +181,14 @@ def _integrate(v32: np.float32, i32: np.float32, mode: int, lam: np.float32, bet
     return v32
 
 
+#: the index of the single set bit of a uint64 ``b``: ``_DEBRUIJN[(b * _DEBRUIJN_MUL) >> 58]``
+_DEBRUIJN_MUL = np.uint64(0x022FDD63CC95386D)
+_DEBRUIJN = np.zeros(64, np.int64)
+for _i in range(64):
+    _DEBRUIJN[int(((1 << _i) * 0x022FDD63CC95386D) % (1 << 64)) >> 58] = _i
+del _i
+
+
 @njit(cache=True, nogil=True)
 def _layer(
     src_pos: np.ndarray, src_ch: np.ndarray, src_val: np.ndarray, n_src: int, wi: int,
@@ -206,41 +214,7 @@ def _layer(
     k_n = wt.shape[1]
     wf = wt.reshape(-1)
     nt = 0
-    # one output channel (Conv3, one class): the per-(ky, kx) mark test would cost as much as
-    # the add, so first sum the kernels of all active channels at one input position (the
-    # list is grouped by position (see _pool), channels of a position are adjacent), then scatter that sum once.
-    # Same sums in another order: exact on the 2^-12 weight grid.
-    ksum = np.zeros(k_n * k_n, np.float32) if co_n == 1 else np.zeros(0, np.float32)
-    s_end = n_src if co_n == 1 else 0
-    s = 0
-    while s < s_end:
-        p = src_pos[s]
-        for j in range(k_n * k_n):
-            ksum[j] = 0.0
-        while s < n_src and src_pos[s] == p:
-            ci = src_ch[s]
-            v = src_val[s]
-            wb = ci * k_n * k_n
-            for j in range(k_n * k_n):
-                ksum[_U(j)] += v * wf[_U(wb + j)]
-            s += 1
-        y = p // wi
-        x = p - y * wi
-        for ky in range(k_n):
-            oy = y - ky + pad
-            if oy < 0 or oy >= ho:
-                continue
-            for kx in range(k_n):
-                ox = x - kx + pad
-                if ox < 0 or ox >= wo:
-                    continue
-                o = oy * wo + ox
-                if mark[o] != t:
-                    mark[o] = t
-                    touched[nt] = o
-                    nt += 1
-                cur[_U(o)] += ksum[_U(ky * k_n + kx)]
-    for s in range(n_src if co_n != 1 else 0):
+    for s in range(n_src):
         p = src_pos[s]
         y = p // wi
         x = p - y * wi
@@ -282,7 +256,7 @@ def _layer(
         k = t - 1 - last[o]
         last[o] = t
         base = o * co_n
-        cb = j * co_n if co_n != 1 else o
+        cb = j * co_n
         kl = np.float64(max(k, 0)) * lam64
         n_fire = 0
         for co in range(co_n):
@@ -308,7 +282,7 @@ def _layer(
         k = t - 1 - last[o]
         last[o] = t
         base = o * co_n
-        cb = j * co_n if co_n != 1 else o
+        cb = j * co_n
         for co in range(co_n):
             e = base + co
             v32 = _replay(v_mem[e], k, mode, lam, beta, exact_below)
@@ -322,6 +296,100 @@ def _layer(
                 if fire_once:
                     fired[e] = 1
             v_mem[e] = v32
+    return ns
+
+
+@njit(cache=True, nogil=True)
+def _layer_one(
+    src_pos: np.ndarray, src_ch: np.ndarray, src_val: np.ndarray, n_src: int, wi: int,
+    wt: np.ndarray, pad: int, ho: int, wo: int,
+    cur: np.ndarray, v_mem: np.ndarray, last: np.ndarray, fired: np.ndarray,
+    t: int, theta: np.ndarray, mode: int, lam: np.float32, beta: np.float32,
+    exact_below: np.float32, fire_once: bool, spikes: np.ndarray,
+) -> int:
+    """:func:`_layer` for ONE output channel (Conv3 with one class): same spikes, in raster order.
+
+    The kernels of all active channels at one input position are summed first (the list is
+    grouped by position, see :func:`_pool`) and added once into the dense current map
+    ``cur`` (by position), without marks: the touched positions are the input positions
+    dilated by the kernel's reach, computed on row bit masks (a 7 x 7 dilation is 7 ORs per
+    word and six shifts), and visited in raster order for the update.  The per-add mark test
+    of :func:`_layer` was ~60 % of this layer.  Same sums in another order: exact on the
+    2^-12 weight grid.  Input positions must lie inside the ``ho`` x ``wo`` grid (pooled
+    positions do; the stride is 1 and ``pad = K // 2``).
+    """
+    k_n = wt.shape[1]
+    kk = k_n * k_n
+    wf = wt.reshape(-1)
+    nw = (wo + 63) // 64 + 1  # words per bit row, one spare for the shifts
+    rows = np.zeros((ho + 2 * pad, nw), np.uint64)  # input positions, rows padded by ``pad``
+    ksum = np.zeros(kk, np.float32)
+    one = np.uint64(1)
+    s = 0
+    while s < n_src:
+        p = src_pos[s]
+        for j in range(kk):
+            ksum[j] = 0.0
+        while s < n_src and src_pos[s] == p:
+            wb = src_ch[s] * kk
+            v = src_val[s]
+            for j in range(kk):
+                ksum[_U(j)] += v * wf[_U(wb + j)]
+            s += 1
+        y = p // wi
+        x = p - y * wi
+        rows[_U(y + pad), _U(x >> 6)] |= one << np.uint64(x & 63)
+        kx_lo = max(0, x + pad - wo + 1)  # ox = x - kx + pad in [0, wo)
+        kx_hi = min(k_n, x + pad + 1)
+        for ky in range(max(0, y + pad - ho + 1), min(k_n, y + pad + 1)):
+            ob = (y - ky + pad) * wo + x + pad
+            kb = ky * k_n
+            for kx in range(kx_lo, kx_hi):
+                cur[_U(ob - kx)] += ksum[_U(kb + kx)]
+    acc = np.zeros(nw, np.uint64)
+    tail = np.uint64(wo & 63)
+    last_mask = (one << tail) - one if tail else ~np.uint64(0)  # bits of the last word inside the grid
+    zero32 = np.float32(0.0)
+    ns = 0
+    for oy in range(ho):
+        any_bits = np.uint64(0)
+        for wd in range(nw):
+            a = np.uint64(0)
+            for dy in range(2 * pad + 1):  # rows oy - pad .. oy + pad (padded index oy .. oy + 2 pad)
+                a |= rows[_U(oy + dy), _U(wd)]
+            acc[_U(wd)] = a
+            any_bits |= a
+        if any_bits == 0:
+            continue
+        for wd in range(nw - 1):  # horizontal dilation by +-pad; then keep columns < wo
+            a = acc[_U(wd)]
+            lo_w = acc[_U(wd - 1)] if wd > 0 else np.uint64(0)
+            hi_w = acc[_U(wd + 1)]
+            d = a
+            for sh in range(1, pad + 1):
+                ush = np.uint64(sh)
+                d |= (a << ush) | (lo_w >> (np.uint64(64) - ush))
+                d |= (a >> ush) | (hi_w << (np.uint64(64) - ush))
+            if wd == nw - 2:
+                d &= last_mask
+            rb = oy * wo + wd * 64
+            while d:
+                low = d & (~d + one)
+                d ^= low
+                o = rb + _DEBRUIJN[_U((low * _DEBRUIJN_MUL) >> np.uint64(58))]
+                k = t - 1 - last[_U(o)]
+                last[_U(o)] = t
+                v32 = _replay(v_mem[_U(o)], k, mode, lam, beta, exact_below)
+                i32 = cur[_U(o)]
+                cur[_U(o)] = zero32
+                v32 = _integrate(v32, i32, mode, lam, beta)
+                if v32 >= theta[0] and not (fire_once and fired[_U(o)] != 0):
+                    spikes[ns] = o
+                    ns += 1
+                    v32 = zero32
+                    if fire_once:
+                        fired[_U(o)] = 1
+                v_mem[_U(o)] = v32
     return ns
 
 
@@ -452,28 +520,34 @@ def _layer_c1(
 @njit(cache=True, nogil=True)
 def _pool(
     spikes: np.ndarray, ns: int, c_n: int, w: int, hp: int, wp: int, t: int,
-    pmark: np.ndarray, poff: np.ndarray, plist: np.ndarray, head: np.ndarray, hmark: np.ndarray,
+    pbits: np.ndarray, poff: np.ndarray, head: np.ndarray, hmark: np.ndarray,
     nxt: np.ndarray, out_pos: np.ndarray, out_ch: np.ndarray, out_val: np.ndarray, out_off: np.ndarray,
-    qlist: np.ndarray, lnk: np.ndarray, pbeg: np.ndarray,
+    qlist: np.ndarray, pbeg: np.ndarray,
 ) -> int:
     """2x2/2 max pooling of binary spikes (floor mode) with torch's first-max-wins index.
 
     Output entries (pooled flat position, channel, value 1, window offset 0..3 of the first
     spike in row-major order), grouped by pooled position (positions in order of first hit,
-    entries of one position adjacent); ``head``/``nxt`` link the entries of each pooled
-    position; they are also contiguous: ``pbeg[pq] .. head[pq]`` (inclusive) are the entries
-    of pooled position ``pq``.  Grouped, not sorted: the consumers need adjacency only (sums are exact in
-    any order), and the ``np.sort`` of ~2,400 Conv2 entries cost ~0.1 ms per step.
+    the entries of one position in channel order); ``head``/``nxt`` link the entries of each
+    pooled position; they are also contiguous: ``pbeg[pq] .. head[pq]`` (inclusive) are the
+    entries of pooled position ``pq``.  Grouped, not sorted: the consumers need adjacency only
+    (sums are exact in any order), and the ``np.sort`` of ~2,400 Conv2 entries cost ~0.1 ms
+    per step.
+
+    A pooled position's channels are one bit mask (``pbits[pq]``, valid where ``hmark[pq] ==
+    t``; ``c_n`` <= 64) and its window offsets int8 (``poff``): ~50 bytes per position, where
+    a mark and an offset per (position, channel) in int64 were 576 (3.2 MB at 346x260 for
+    Conv2's 36 channels, missed all over per spike).
     """
-    n = 0
     npos = 0
-    # the layers emit the spikes of one position together: divide (~25 cycles each with a
-    # runtime divisor) only when the position changes
+    one = np.uint64(1)
+    # the layers emit the spikes of one position together: the position's pooled cell, window
+    # offset and mark test (a division and unpredictable branches) only when it changes; per
+    # spike, a bit and a branch-free min
     lo = 0
     hi = 0
-    p = 0
-    y = 0
-    x = 0
+    pq = -1
+    off = 0
     for j in range(ns):
         e = spikes[_U(j)]
         if e < lo or e >= hi:
@@ -482,48 +556,45 @@ def _pool(
             hi = lo + c_n
             y = p // w
             x = p - y * w
-        c = e - lo
-        py = y >> 1
-        px = x >> 1
-        if py >= hp or px >= wp:
+            py = y >> 1
+            px = x >> 1
+            pq = -1
+            if py < hp and px < wp:
+                pq = py * wp + px
+                off = (y & 1) * 2 + (x & 1)
+                if hmark[_U(pq)] != t:
+                    hmark[_U(pq)] = t
+                    pbits[_U(pq)] = 0
+                    qlist[_U(npos)] = pq
+                    npos += 1
+        if pq < 0:
             continue
-        pq = py * wp + px
+        c = e - lo
         q = pq * c_n + c
-        off = (y & 1) * 2 + (x & 1)
-        if pmark[_U(q)] != t:
-            pmark[_U(q)] = t
-            poff[_U(q)] = off
-            if hmark[_U(pq)] != t:
-                hmark[_U(pq)] = t
-                head[_U(pq)] = -1
-                qlist[_U(npos)] = pq
-                npos += 1
-            plist[_U(n)] = q
-            lnk[_U(n)] = head[_U(pq)]  # first pass: link plist slots per position
-            head[_U(pq)] = n
-            n += 1
-        elif off < poff[_U(q)]:
-            poff[_U(q)] = off
-    # second pass: emit the entries position by position and relink them by output index
+        bit = one << np.uint64(c)
+        had = pbits[_U(pq)] & bit
+        pbits[_U(pq)] |= bit
+        old = poff[_U(q)]
+        poff[_U(q)] = min(old, off) if had else off
+    # second pass: emit the entries position by position, in channel order, linked by output index
     k = 0
     for i in range(npos):
         pq = qlist[_U(i)]
-        e = head[_U(pq)]
-        head[_U(pq)] = -1
-        first = k
-        while e >= 0:
-            q = plist[_U(e)]
+        bits = pbits[_U(pq)]
+        pbeg[_U(pq)] = k
+        qb = pq * c_n
+        while bits:  # the set bits, lowest first (de Bruijn index of the lowest bit)
+            low = bits & (~bits + one)
+            bits ^= low
+            c = _DEBRUIJN[_U((low * _DEBRUIJN_MUL) >> np.uint64(58))]
             out_pos[_U(k)] = pq
-            out_ch[_U(k)] = q - pq * c_n
+            out_ch[_U(k)] = c
             out_val[_U(k)] = np.float32(1.0)
-            out_off[_U(k)] = poff[_U(q)]
-            e = lnk[_U(e)]
+            out_off[_U(k)] = poff[_U(qb + c)]
+            nxt[_U(k)] = k - 1 if k > pbeg[_U(pq)] else -1
             k += 1
-        for m in range(first, k):
-            nxt[_U(m)] = head[_U(pq)]
-            head[_U(pq)] = m
-        pbeg[_U(pq)] = first
-    return n
+        head[_U(pq)] = k - 1
+    return k
 
 
 @njit(cache=True, nogil=True)
@@ -532,13 +603,13 @@ def _encode_layers(
     h: int, w: int, h2: int, w2: int, h4: int, w4: int,
     e1: np.ndarray, rec1: np.ndarray, fired1: np.ndarray, touched1: np.ndarray, spk1: np.ndarray,
     th1: np.ndarray, mode1: int, lam1: np.float32, beta1: np.float32, ex1: np.float32,
-    pmark1: np.ndarray, poff1: np.ndarray, plist1: np.ndarray, qlist1: np.ndarray, lnk1: np.ndarray,
+    pbits1: np.ndarray, poff1: np.ndarray, qlist1: np.ndarray,
     head1: np.ndarray, hmark1: np.ndarray, next1: np.ndarray, ppos1: np.ndarray, pch1: np.ndarray,
     pval1: np.ndarray, poffo1: np.ndarray, pbeg1: np.ndarray,
     e2: np.ndarray, cur2: np.ndarray, v2: np.ndarray, last2: np.ndarray, fired2: np.ndarray, mark2: np.ndarray,
     touched2: np.ndarray, spk2: np.ndarray, th2: np.ndarray, mode2: int, lam2: np.float32, beta2: np.float32,
     ex2: np.float32,
-    pmark2: np.ndarray, poff2: np.ndarray, plist2: np.ndarray, qlist2: np.ndarray, lnk2: np.ndarray,
+    pbits2: np.ndarray, poff2: np.ndarray, qlist2: np.ndarray,
     head2: np.ndarray, hmark2: np.ndarray, next2: np.ndarray, ppos2: np.ndarray, pch2: np.ndarray,
     pval2: np.ndarray, poffo2: np.ndarray, pbeg2: np.ndarray,
     e3: np.ndarray, cur3: np.ndarray, v3: np.ndarray, last3: np.ndarray, fired3: np.ndarray, mark3: np.ndarray,
@@ -551,15 +622,19 @@ def _encode_layers(
     is sorted on return (raster order)."""
     n1 = _layer_c1(a_pos, a_ch, a_val, n_in, w, e1, h, w, rec1, fired1, touched1, t,
                    th1, mode1, lam1, beta1, ex1, fo, spk1)
-    np1 = _pool(spk1, n1, 4, w, h2, w2, t, pmark1, poff1, plist1,
-                head1, hmark1, next1, ppos1, pch1, pval1, poffo1, qlist1, lnk1, pbeg1)
+    np1 = _pool(spk1, n1, 4, w, h2, w2, t, pbits1, poff1,
+                head1, hmark1, next1, ppos1, pch1, pval1, poffo1, qlist1, pbeg1)
     n2 = _layer(ppos1, pch1, pval1, np1, w2, e2, 2, h2, w2, cur2, v2, last2, fired2, mark2, touched2, t,
                 th2, mode2, lam2, beta2, ex2, fo, spk2)
-    np2 = _pool(spk2, n2, 36, w2, h4, w4, t, pmark2, poff2, plist2,
-                head2, hmark2, next2, ppos2, pch2, pval2, poffo2, qlist2, lnk2, pbeg2)
-    n3 = _layer(ppos2, pch2, pval2, np2, w4, e3, 3, h4, w4, cur3, v3, last3, fired3, mark3, touched3, t,
-                th3, 2, np.float32(0.0), np.float32(1.0), ex3, fo, spk3)
-    spk3[:n3].sort()
+    np2 = _pool(spk2, n2, 36, w2, h4, w4, t, pbits2, poff2,
+                head2, hmark2, next2, ppos2, pch2, pval2, poffo2, qlist2, pbeg2)
+    if e3.shape[3] == 1:  # one class: raster order already
+        n3 = _layer_one(ppos2, pch2, pval2, np2, w4, e3, 3, h4, w4, cur3, v3, last3, fired3, t,
+                        th3, 2, np.float32(0.0), np.float32(1.0), ex3, fo, spk3)
+    else:
+        n3 = _layer(ppos2, pch2, pval2, np2, w4, e3, 3, h4, w4, cur3, v3, last3, fired3, mark3, touched3, t,
+                    th3, 2, np.float32(0.0), np.float32(1.0), ex3, fo, spk3)
+        spk3[:n3].sort()
     return n1, np1, n2, np2, n3
 
 
@@ -1445,13 +1520,11 @@ class SparseSpikeSEG:
             sc[f"spk{i}"] = np.zeros(a * b * c, i64)
         for i, ((a, b), c) in enumerate(zip(sizes[1:], chans[:2]), start=1):
             n = a * b * c
-            sc[f"pmark{i}"] = np.full(n, -1, i64)
-            sc[f"poff{i}"] = np.zeros(n, i64)
-            sc[f"plist{i}"] = np.zeros(n, i64)
+            sc[f"pbits{i}"] = np.zeros(a * b, np.uint64)  # valid where the bank's hmark == t: no reset
+            sc[f"poff{i}"] = np.zeros(n, np.int8)
             sc[f"head{i}"] = np.zeros(a * b, i64)
             sc[f"qlist{i}"] = np.zeros(a * b, i64)
             sc[f"pbeg{i}"] = np.zeros(a * b, i64)
-            sc[f"lnk{i}"] = np.zeros(n, i64)
             sc[f"hmark{i}"] = np.full(a * b, -1, i64)
             sc[f"next{i}"] = np.zeros(n, i64)
             sc[f"ppos{i}"] = np.zeros(n, i64)
@@ -1504,7 +1577,7 @@ class SparseSpikeSEG:
         for f in state.fired:
             f[:] = 0
         sc = state.scratch
-        for k in ("mark2", "mark3", "pmark1", "pmark2"):
+        for k in ("mark2", "mark3"):
             sc[k][:] = -1
         for bank in state.banks:
             bank["hmark1"][:] = -1
@@ -1569,11 +1642,11 @@ class SparseSpikeSEG:
             sc["a_pos"], sc["a_ch"], sc["a_val"], n_in, t, fo, g.h, g.w, g.h2, g.w2, g.h4, g.w4,
             self._e1, state.rec1, state.fired[0], sc["touched1"], sc["spk1"],
             self._th[0], self._modes[0], self._lams[0], self._betas[0], self._exact[0],
-            sc["pmark1"], sc["poff1"], sc["plist1"], sc["qlist1"], sc["lnk1"],
+            sc["pbits1"], sc["poff1"], sc["qlist1"],
             pb["head1"], pb["hmark1"], pb["next1"], pb["ppos1"], pb["pch1"], pb["pval1"], pb["poffo1"], pb["pbeg1"],
             self._e2, sc["cur2"], state.v[1], state.last[1], state.fired[1], sc["mark2"], sc["touched2"], sc["spk2"],
             self._th[1], self._modes[1], self._lams[1], self._betas[1], self._exact[1],
-            sc["pmark2"], sc["poff2"], sc["plist2"], sc["qlist2"], sc["lnk2"],
+            sc["pbits2"], sc["poff2"], sc["qlist2"],
             pb["head2"], pb["hmark2"], pb["next2"], pb["ppos2"], pb["pch2"], pb["pval2"], pb["poffo2"], pb["pbeg2"],
             self._e3, sc["cur3"], state.v[2], state.last[2], state.fired[2], sc["mark3"], sc["touched3"], sc["spk3"],
             self._th[2], self._exact[2],

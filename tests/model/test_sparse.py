@@ -79,16 +79,20 @@ def test_scene_spikes_indices_masks_identical_to_dense() -> None:
     assert out.layer_spikes["conv1"] == int(dout.layer_spikes["conv1"].sum())
 
 
-def test_wide_sensor_mask_windows_cross_bitmask_words() -> None:
-    """W/4 > 64: the joint mask's S3 row bitmasks span two words; windows near column 64 read both."""
+@pytest.mark.parametrize("width", [300, 256])
+def test_wide_sensor_bitmask_rows_cross_words(width: int) -> None:
+    """W/4 >= 64: the joint mask's S3 row bitmasks and Conv3's touched-position rows
+    (``_layer_one``'s dilation) span two words; windows near column 64 read both, and at
+    W/4 = 64 the last word is full (no tail mask)."""
     rng = np.random.default_rng(5)
     cfg, enc, sp = _pair()
-    frames = [_scene(t, 24, 300, rng, 0.04) for t in range(12)]
+    frames = [_scene(t, 24, width, rng, 0.04) for t in range(12)]
     cols: set[int] = set()
+    w4 = width // 4
     for t, (out, st, dout, _d) in enumerate(_run_both(cfg, enc, sp, frames)):
         _assert_same(sp, out, st, dout, cfg, enc, t)
-        cols |= {int(p) % 75 for p in out.s3 // sp.n_classes}
-    assert any(55 <= c <= 70 for c in cols), sorted(cols)  # spikes on both sides of bit 64
+        cols |= {int(p) % w4 for p in out.s3 // sp.n_classes}
+    assert any(55 <= c <= 63 for c in cols) and any(c >= 64 or c == w4 - 1 for c in cols), sorted(cols)
 
 
 def _random_setup(quantise: bool):

@@ -151,11 +151,14 @@ def _ash(
 
     A support's ~4 pixels per Conv2 cell read the history once (``qmark[q] == stamp0 + b``
     marks cell q done for instance b; stamps ``stamp0 .. stamp0 + B - 1`` must be new).
+    A cell's history row is ORed in slot order (contiguous: vectorised) and put in ``tau``
+    order once per instance.
     """
     n_slots = hist.shape[1]
     b_n = offsets.shape[0] - 1
     out = np.zeros((b_n, n_slots), np.uint64)
-    slot = np.empty(n_slots, np.uint64)  # history column of tau (no modulo per cell)
+    acc = np.zeros(n_slots, np.uint64)
+    slot = np.empty(n_slots, np.int64)  # history column of tau (no modulo per cell)
     for tau in range(n_slots):
         slot[tau] = (newest - tau) % n_slots
     u = np.uint64  # unsigned indices: no negative-index wraparound (see model.sparse._U)
@@ -163,6 +166,8 @@ def _ash(
     yy = 0  # when the row changes (a runtime division costs ~25 cycles)
     for b in range(b_n):
         st = stamp0 + b
+        for s in range(n_slots):
+            acc[u(s)] = 0
         for j in range(offsets[b], offsets[b + 1]):
             o = pixels[u(j)]
             if o < row0 or o >= row0 + w:
@@ -176,8 +181,10 @@ def _ash(
             if qmark[q] == st:
                 continue
             qmark[q] = st
-            for tau in range(n_slots):
-                out[u(b), u(tau)] |= hist[q, slot[u(tau)]]
+            for s in range(n_slots):
+                acc[u(s)] |= hist[q, u(s)]
+        for tau in range(n_slots):
+            out[u(b), u(tau)] = acc[u(slot[tau])]
     return out
 
 

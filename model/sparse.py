@@ -883,6 +883,7 @@ def _mask_gated(
     t: int, stamp: int, s3bits: np.ndarray, d3q: np.ndarray, d3mark: np.ndarray,
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
     mask: np.ndarray, best: np.ndarray, bestmark: np.ndarray, stamp0: int, cut: float, lit: np.ndarray, n_lit: int,
+    w2b: np.ndarray, bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray, nbs: np.ndarray,
 ) -> int:
     """Gated joint saliency of class ``k`` from its S3 spikes, by gather at the P1 cells only,
     written into the mask by :func:`_mask_into` (in this call: one dispatch and one GIL release
@@ -898,11 +899,19 @@ def _mask_gated(
     entry ~10 % slower): one contiguous, vectorised add per window row, of the row's spike
     pattern (7 bits of the S3 row bitmasks) looked up in ``w3rows`` (:func:`w3_row_table`);
     a first version added W3 once per spike, bit by bit (~1,500 cycles per cell at the
-    scene's S3 density).  Then the K1 scatter at the P1 entries, as in :func:`_decode`.
+    scene's S3 density).  The W2 taps from the pool2 cells to each P1 position come from
+    the step's W2 blocks (:func:`_cell_blocks`), which this call lays out in the step's bank
+    (``bblk``; P1 position ``a``'s slot is ``bslot[a]`` where ``bmark[a] == t``; ``nbs``:
+    slots used, positions left without one when ``bblk`` ran out (gathered entry by entry
+    instead; the caller grows ``bblk``)): the per-spike supports (:func:`_support_one`,
+    on the overlap helper) read them instead of building their own, and D2 here is four
+    length-36 dot products per pool2 cell.  Then the K1 scatter at the P1 entries, as in :func:`_decode`.
     Same sums, another order: float64 and exact on the 2^-12 weight grid, so the mask is
     identical.
     """
     w2f = w2p.reshape(-1)  # (36, 7, 7, 4): W2 with a zero border; four Conv1 features (the architecture)
+    cap = bblk.shape[0] // 1296  # 9 blocks x 144 per slot
+    w2bf = w2b.reshape(-1)  # float32 copy of w2p (the blocks' taps)
     w3r = w3rows.reshape(-1)  # (k, 7, 128, 36): W3 summed over each row pattern
     # S3 as row bitmasks (``s3bits``: (H/4, words) uint64, zero on entry and on return; column
     # sx at bit sx + 3): an entry's 7 x 7 window is 7 word extractions and its set bits, not
@@ -922,6 +931,19 @@ def _mask_gated(
             j += 1
         ay = a // w2
         ax = a - ay * w2
+        slot = -1
+        if bmark[_U(a)] == t:  # built by an earlier class's pass
+            slot = bslot[_U(a)]
+        elif nbs[0] < cap:
+            slot = nbs[0]
+            nbs[0] = slot + 1
+            bmark[_U(a)] = t
+            bslot[_U(a)] = slot
+            _cell_blocks(ay, ax, slot * 9, bblk, w4, h4, p2_head, p2_hmark, p2_beg, p2_ch, p2_off, t, w2bf)
+        else:
+            nbs[1] += 1
+        qy0 = (ay - 2) >> 1
+        qx0 = (ax - 2) >> 1
         d0 = 0.0
         d1 = 0.0
         d2 = 0.0
@@ -948,6 +970,15 @@ def _mask_gated(
                         wb = ((k * 7 + qy - sy + 3) * 128 + np.int64(bits)) * 36
                         for ci in range(36):  # contiguous: vectorised
                             d3q[_U(qb + ci)] += w3r[_U(wb + ci)]
+                if slot >= 0:
+                    bb = (slot * 9 + (qy - qy0) * 3 + qx - qx0) * 144
+                    for ci in range(36):
+                        wv = d3q[_U(qb + ci)]
+                        d0 += wv * bblk[_U(bb + ci)]
+                        d1 += wv * bblk[_U(bb + 36 + ci)]
+                        d2 += wv * bblk[_U(bb + 72 + ci)]
+                        d3s += wv * bblk[_U(bb + 108 + ci)]
+                    continue
                 by = ay - 2 * qy + 2
                 bx = ax - 2 * qx + 2
                 s0, s1, s2, s3 = _gather_cell(p2_beg[_U(q)], p2_head[_U(q)] + 1, p2_off, p2_ch, d3q, qb, w2f, by, bx)
@@ -1018,7 +1049,7 @@ def _support_one(
     p1_head: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
     t: int, cut: float, loc: np.ndarray, span: np.ndarray, pixels: np.ndarray, total: int, box: np.ndarray,
     blk: np.ndarray, slot_of: np.ndarray, slot_mark: np.ndarray, mark: int, nsl: np.ndarray,
-    row_beg: np.ndarray, row_x: np.ndarray,
+    row_beg: np.ndarray, row_x: np.ndarray, bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray,
 ) -> int:
     """Gated support of ONE S3 spike (flat position ``p`` on the H/4 grid, class ``k``), by gather.
 
@@ -1039,8 +1070,11 @@ def _support_one(
     Conv1 cell out once per call as dense (4, 36) blocks (slot ``slot_of[a]``, valid where
     ``slot_mark[a] == mark``); a visit is then four length-36 dot products with W3's
     contiguous channel row.  Missing channels are exact zeros and every product of two
-    2^-12-grid weights is exact, so the sums are the same.  When the ``blk`` slots run out a
-    cell is gathered entry by entry (``nsl[1]`` counts those cells; the caller grows ``blk``).
+    2^-12-grid weights is exact, so the sums are the same.  The joint mask
+    (:func:`_mask_gated`) has usually laid the step's blocks out already, in the step's bank
+    (``bblk``, slot ``bslot[a]`` where ``bmark[a] == t``): those are read, and only cells
+    without one are built here.  When the ``blk`` slots run out a cell is gathered entry by
+    entry (``nsl[1]`` counts those cells; the caller grows ``blk``).
 
     The pooled Conv1 cells that spiked come row by row from ``row_beg`` / ``row_x``
     (:func:`_active_rows`): ~10 of the crop's 324 cells are active, so testing each cell's
@@ -1075,7 +1109,11 @@ def _support_one(
             if ax < ax_lo or ax >= ax_hi:
                 continue
             a = ay * w2 + ax
-            if slot_mark[_U(a)] == mark:
+            src = blk
+            if bmark[_U(a)] == t:  # laid out by the joint mask
+                slot = bslot[_U(a)]
+                src = bblk
+            elif slot_mark[_U(a)] == mark:
                 slot = slot_of[_U(a)]
             elif nsl[0] < cap:
                 slot = nsl[0]
@@ -1105,10 +1143,10 @@ def _support_one(
                         bb = ((slot * 9 + (qy - qy0) * 3 + qx - qx0)) * 144
                         for ci in range(36):
                             wv = np.float64(w3f[_U(b3 + ci)])
-                            d0 += wv * blk[_U(bb + ci)]
-                            d1 += wv * blk[_U(bb + 36 + ci)]
-                            d2 += wv * blk[_U(bb + 72 + ci)]
-                            d3 += wv * blk[_U(bb + 108 + ci)]
+                            d0 += wv * src[_U(bb + ci)]
+                            d1 += wv * src[_U(bb + 36 + ci)]
+                            d2 += wv * src[_U(bb + 72 + ci)]
+                            d3 += wv * src[_U(bb + 108 + ci)]
                     else:
                         by = ay - 2 * qy + 2
                         bx = ax - 2 * qx + 2
@@ -1203,7 +1241,7 @@ def _decode_batch(
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
     offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, loc: np.ndarray, w2p: np.ndarray,
     w3g: np.ndarray, blk: np.ndarray, nsl: np.ndarray, p1_pos: np.ndarray, n_p1: int,
-    row_beg: np.ndarray, row_x: np.ndarray,
+    row_beg: np.ndarray, row_x: np.ndarray, bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray,
 ) -> int:
     """Decode each S3 spike on its own (one-hot S3), all B spikes in one call.
 
@@ -1230,7 +1268,7 @@ def _decode_batch(
                                  p2_head, p2_hmark, p2_beg, p2_ch, p2_off,
                                  p1_head, p1_next, p1_ch, p1_off, t, cut, loc, span, pixels, total, bboxes[b],
                                  # the gated path leaves d2pos / d2mark unused: block slots and marks
-                                 blk, d2pos, d2mark, stamp0, nsl, row_beg, row_x)
+                                 blk, d2pos, d2mark, stamp0, nsl, row_beg, row_x, bblk, bslot, bmark)
             continue
         _nd, ns = _decode(one, 1, k, w3t, w2t, k1t, w4, h2, w2, h, w,
                           p2_head, p2_hmark, p2_next, p2_pos, p2_ch, p2_off, n_p2,
@@ -1566,6 +1604,13 @@ class SparseSpikeSEG:
         bank0 = {f"{k}{i}": sc.pop(f"{k}{i}") for k in BANK_KEYS for i in (1, 2)}  # one home: the banks
         more = [{k: np.full_like(a, -1) if k.startswith("hmark") else np.zeros_like(a) for k, a in bank0.items()}
                 for _ in range(banks - 1)]
+        for bank in (bank0, *more):  # the step's W2 blocks (_mask_gated lays them out, _support_one reads them)
+            bank["blk"] = np.empty(128 * 1296, np.float32)  # 128 P1 positions; grown by _decode_mask
+            bank["bslot"] = np.zeros(h2 * w2, i64)
+            bank["bmark"] = np.full(h2 * w2, -1, i64)
+            bank["bgrow"] = np.zeros(1, i64)
+            bank["bready"] = np.full(1, -1, i64)  # the step whose blocks are complete
+        sc["nbs"] = np.zeros(2, i64)
         return SparseState(grid=g, v=v, last=last, fired=fired, scratch=sc, rec1=rec1, banks=[bank0, *more])
 
     def reset_state(self, state: SparseState) -> SparseState:
@@ -1597,6 +1642,8 @@ class SparseSpikeSEG:
         for bank in state.banks:
             bank["hmark1"][:] = -1
             bank["hmark2"][:] = -1
+            bank["bmark"][:] = -1
+            bank["bready"][0] = -1
         state.t = 0
         state.ref = None
         return state
@@ -1799,6 +1846,13 @@ class SparseSpikeSEG:
         else:
             stamp0 = int(own["stamp"][0])
             own["stamp"][0] = stamp0 + b + 1
+        # the joint mask's W2 blocks, once its pass over this step is complete (a call on another
+        # thread while decode_mask runs builds its own): else marks that never match
+        bmark = pb["bmark"]
+        if pb["bready"][0] != ref.t:
+            bmark = own.get("nobmark")
+            if bmark is None or len(bmark) != g.h2 * g.w2:
+                bmark = own["nobmark"] = np.full(g.h2 * g.w2, -1, np.int64)
         args = (
             spk, self.n_classes, float(p.decoder_threshold) + float(p.decoder_eps),
             self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,
@@ -1807,7 +1861,7 @@ class SparseSpikeSEG:
             ref.t, p.decoder_gate, stamp0,
             own["d3"], own["d3mark"], own["d3list"], own["d2"], own["d2mark"], own["d2list"], own["d2pos"],
             own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes, own["loc"], self._d2pf,
-            self._d3f, blk, nsl, pb["ppos1"], ref.n_p1, rows[0], rows[1],
+            self._d3f, blk, nsl, pb["ppos1"], ref.n_p1, rows[0], rows[1], pb["blk"], pb["bslot"], bmark,
         )
         return args, (offsets, pixels, bboxes)
 
@@ -1824,6 +1878,12 @@ class SparseSpikeSEG:
         pb = ref.bank
         t = ref.t
         n_lit = 0
+        nbs = sc["nbs"]  # W2 block slots used in the bank / P1 positions left without one
+        nbs[:] = 0
+        grow = pb["bgrow"]  # the bank's last step ran out of block slots: room for twice as many
+        if grow[0] > 0:
+            pb["blk"] = np.empty(int(grow[0]) * 1296, np.float32)
+            grow[0] = 0
         for k in range(n_cls):
             sel = s3 if n_cls == 1 else s3[s3 % n_cls == k] // n_cls
             if len(sel) == 0:
@@ -1836,6 +1896,7 @@ class SparseSpikeSEG:
                     pb["ppos1"], ref.n_p1, pb["head1"], pb["next1"], pb["pch1"], pb["poffo1"],
                     t, stamp, sc["s3bits"], sc["d3q"], sc["d3qmark"], sc["sal"], sc["salmark"], sc["sallist"],
                     flat, sc["best"], sc["bestmark"], stamp0, cut, sc["lit"], n_lit,
+                    self._d2pf, pb["blk"], pb["bslot"], pb["bmark"], sc["nbs"],
                 )
                 continue
             _nd, ns = _decode(
@@ -1848,6 +1909,10 @@ class SparseSpikeSEG:
             )
             n_lit = _mask_into(flat, sc["best"], sc["bestmark"], stamp0, k, sc["sal"], sc["sallist"], ns, cut,
                                sc["lit"], n_lit)
+        if nbs[1] > 0:  # grown at this bank's next step (this step's supports read the blocks laid out now)
+            grow[0] = 2 * (nbs[0] + nbs[1])
+        if p.decoder_gate:
+            pb["bready"][0] = t  # the blocks are complete: supports may read them (supports_args)
         return n_lit
 
     # ------------------------------------------------------------------ dense views (tests, fallback)

@@ -1412,9 +1412,11 @@ class SparseState:
     scratch: dict[str, np.ndarray] = field(default_factory=dict)
     rec1: np.ndarray | None = None  # Conv1 state as C1_DTYPE records; v[0] and last[0] are views of it
     #: the pooling lists that the decoders read (:data:`BANK_KEYS`), one set per bank; step ``t``
-    #: writes bank ``t % len(banks)``.  Two banks let one thread decode step t (per-spike
+    #: writes bank ``t % len(banks)``.  ``n`` banks let one thread decode step t (per-spike
     #: supports, :meth:`SparseSpikeSEG.spike_supports` with its :class:`PoolRef`) while
-    #: another runs step t + 1.
+    #: another runs steps t + 1 .. t + n - 1.  A bank also holds the step's W2 blocks
+    #: (``blk``/``bslot``/``bmark``, laid out by the gated joint mask; ``bready``: the step
+    #: whose blocks are complete; ``bgrow``: slots to allocate at the bank's next step).
     banks: list[dict[str, np.ndarray]] = field(default_factory=list)
     ref: "PoolRef | None" = None  # the last step's pooling lists
 
@@ -1539,8 +1541,8 @@ class SparseSpikeSEG:
     def fresh_state(self, height: int, width: int, banks: int = 1) -> SparseState:
         """All-zero state for an ``height`` x ``width`` sensor (H, W >= 4).
 
-        ``banks`` = 2 keeps two sets of pooling lists (:class:`PoolRef`), so that a step's
-        supports can be decoded while the next step runs (~12 MB more at 346x260)."""
+        ``banks`` = n (1 .. 4) keeps n sets of pooling lists (:class:`PoolRef`), so that a step's
+        supports can be decoded while the next n - 1 steps run (~12 MB each at 346x260)."""
         if not 1 <= banks <= 4:
             raise ValueError(f"banks={banks} is not allowed; use 1 .. 4")
         if height < 4 or width < 4:
@@ -1798,8 +1800,10 @@ class SparseSpikeSEG:
         another thread concurrently with :meth:`decode_mask` or another ``spike_supports``
         with its own scratch (the step's pooling lists are only read); None = the state's.
         ``at``: the step to decode (``state.ref`` just after its :meth:`step`); None = the
-        last step.  With two banks (``fresh_state(..., banks=2)``) and its own scratch, this
-        may run while the next :meth:`step` runs on another thread.
+        last step.  With ``n`` banks (``fresh_state(..., banks=n)``) and its own scratch, this
+        may run while the next ``n - 1`` :meth:`step` calls run on another thread.  It reads
+        the W2 blocks that :meth:`decode_mask` laid out in the step's bank once that pass is
+        complete; before, it builds its own (same supports).
         """
         args, (offsets, pixels, bboxes) = self.supports_args(state, spikes, scratch, at)
         total = _decode_batch(*args)

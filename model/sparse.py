@@ -883,7 +883,7 @@ def _mask_gated(
     t: int, stamp: int, s3bits: np.ndarray, d3q: np.ndarray, d3mark: np.ndarray,
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
     mask: np.ndarray, best: np.ndarray, bestmark: np.ndarray, stamp0: int, cut: float, lit: np.ndarray, n_lit: int,
-    w2b: np.ndarray, bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray, nbs: np.ndarray,
+    w2b: np.ndarray, bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray, nbs: np.ndarray, every: int,
 ) -> int:
     """Gated joint saliency of class ``k`` from its S3 spikes, by gather at the P1 cells only,
     written into the mask by :func:`_mask_into` (in this call: one dispatch and one GIL release
@@ -924,6 +924,7 @@ def _mask_gated(
         b = spk_pos[s] - sy * w4 + 3
         s3bits[sy, b >> 6] |= one << np.uint64(b & 63)
     ns = 0
+    n_pos = 0
     j = 0
     while j < n_p1:
         a = p1_pos[j]
@@ -932,8 +933,11 @@ def _mask_gated(
         ay = a // w2
         ax = a - ay * w2
         slot = -1
+        n_pos += 1
         if bmark[_U(a)] == t:  # built by an earlier class's pass
             slot = bslot[_U(a)]
+        elif every <= 0 or n_pos % every != 0:
+            pass  # left to the supports (they build their own): the two threads' shares
         elif nbs[0] < cap:
             slot = nbs[0]
             nbs[0] = slot + 1
@@ -1301,6 +1305,12 @@ def _decode_batch(
 
 
 # --------------------------------------------------------------------------- python side
+#: the gated joint mask lays out the W2 blocks of every ``MASK_BLOCKS_EVERY``-th P1 position
+#: (1: all, 0: none) for the per-spike supports, which build the rest themselves: on the
+#: overlap pipeline this splits the blocks' cost between the model thread and the helper
+MASK_BLOCKS_EVERY = 2
+
+
 def w3_row_table(w3t: np.ndarray) -> np.ndarray:
     """(k, 7, 128, 36) float64: ``[k, ky, pattern]`` = the sum of ``w3t[k, ky, 6 - j]`` (``w3t``:
     W3 as (k, 7, 7, 36)) over the set bits j of ``pattern``, i.e. one row of a pool2 cell's
@@ -1900,7 +1910,7 @@ class SparseSpikeSEG:
                     pb["ppos1"], ref.n_p1, pb["head1"], pb["next1"], pb["pch1"], pb["poffo1"],
                     t, stamp, sc["s3bits"], sc["d3q"], sc["d3qmark"], sc["sal"], sc["salmark"], sc["sallist"],
                     flat, sc["best"], sc["bestmark"], stamp0, cut, sc["lit"], n_lit,
-                    self._d2pf, pb["blk"], pb["bslot"], pb["bmark"], sc["nbs"],
+                    self._d2pf, pb["blk"], pb["bslot"], pb["bmark"], sc["nbs"], MASK_BLOCKS_EVERY,
                 )
                 continue
             _nd, ns = _decode(

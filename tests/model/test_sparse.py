@@ -367,10 +367,15 @@ def test_supports_with_too_few_block_slots_equal_and_grow() -> None:
     assert checked >= 3
 
 
-def test_supports_use_the_joint_mask_s_w2_blocks_once_it_is_complete() -> None:
-    """The joint mask lays the step's W2 blocks out in the step's bank; per-spike supports read
-    them only after its pass is complete (before, e.g. on another thread while it runs, they
-    build their own), and both give the same supports."""
+@pytest.mark.parametrize("every", [1, 2])
+def test_supports_use_the_joint_mask_s_w2_blocks_once_it_is_complete(every: int, monkeypatch) -> None:
+    """The joint mask lays the W2 blocks of every ``every``-th P1 position out in the step's
+    bank; per-spike supports read them only after its pass is complete (before, e.g. on
+    another thread while it runs, they build their own) and build the rest, and all give the
+    same supports."""
+    import model.sparse as msp
+
+    monkeypatch.setattr(msp, "MASK_BLOCKS_EVERY", every)
     cfg, enc, sp = _pair({"conv1_gain": 40.0})
     rng = np.random.default_rng(11)
     st = None
@@ -381,12 +386,14 @@ def test_supports_use_the_joint_mask_s_w2_blocks_once_it_is_complete() -> None:
             continue
         spikes = out.s3[:16]
         own = sp.spike_supports(st, spikes)  # mask not decoded yet: own blocks
-        assert st.scratch["nsl"][0] > 0 and st.ref.bank["bready"][0] != st.ref.t
+        built = int(st.scratch["nsl"][0])
+        assert built > 0 and st.ref.bank["bready"][0] != st.ref.t
         out = sp.decode_mask(out, st)
         assert st.ref.bank["bready"][0] == st.ref.t
         shared = sp.spike_supports(st, spikes)
-        if st.scratch["nbs"][1] == 0:  # the bank had room for every P1 position's blocks
-            assert st.scratch["nsl"][0] == 0  # so none were built again
+        if st.scratch["nbs"][1] == 0:  # the bank had room for the mask's share of the blocks
+            rebuilt = int(st.scratch["nsl"][0])
+            assert rebuilt == 0 if every == 1 else 0 < rebuilt < built
             used += 1
         assert all(np.array_equal(a, b) for a, b in zip(own, shared)), f"step {t}"
     assert used >= 3

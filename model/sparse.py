@@ -910,7 +910,6 @@ def _mask_gated(
     identical.
     """
     w2f = w2p.reshape(-1)  # (36, 7, 7, 4): W2 with a zero border; four Conv1 features (the architecture)
-    cap = bblk.shape[0] // 1296  # 9 blocks x 144 per slot
     w2bf = w2b.reshape(-1)  # float32 copy of w2p (the blocks' taps)
     w3r = w3rows.reshape(-1)  # (k, 7, 128, 36): W3 summed over each row pattern
     # S3 as row bitmasks (``s3bits``: (H/4, words) uint64, zero on entry and on return; column
@@ -936,16 +935,9 @@ def _mask_gated(
         n_pos += 1
         if bmark[_U(a)] == t:  # built by an earlier class's pass
             slot = bslot[_U(a)]
-        elif every <= 0 or n_pos % every != 0:
-            pass  # left to the supports (they build their own): the two threads' shares
-        elif nbs[0] < cap:
-            slot = nbs[0]
-            nbs[0] = slot + 1
-            bmark[_U(a)] = t
-            bslot[_U(a)] = slot
-            _cell_blocks(ay, ax, slot * 9, bblk, w4, h4, p2_head, p2_hmark, p2_beg, p2_ch, p2_off, t, w2bf)
-        else:
-            nbs[1] += 1
+        elif every > 0 and n_pos % every == 0:  # else left to the supports: the two threads' shares
+            slot = _block_slot(a, ay, ax, t, bmark, bslot, nbs, bblk, w4, h4, p2_head, p2_hmark, p2_beg, p2_ch,
+                               p2_off, t, w2bf)
         qy0 = (ay - 2) >> 1
         qx0 = (ax - 2) >> 1
         d0 = 0.0
@@ -1005,6 +997,26 @@ def _mask_gated(
         b = spk_pos[s] - sy * w4 + 3
         s3bits[sy, b >> 6] = zero64
     return _mask_into(mask, best, bestmark, stamp0, k, sal, sallist, ns, cut, lit, n_lit)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _block_slot(
+    a: int, ay: int, ax: int, mark: int, marks: np.ndarray, slots: np.ndarray, counts: np.ndarray, blk: np.ndarray,
+    w4: int, h4: int, p2_head: np.ndarray, p2_hmark: np.ndarray, p2_beg: np.ndarray, p2_ch: np.ndarray,
+    p2_off: np.ndarray, t: int, w2f: np.ndarray,
+) -> int:
+    """A new slot of ``blk`` for pooled Conv1 cell ``a`` at ``(ay, ax)``, its W2 blocks built
+    (:func:`_cell_blocks`; ``marks[a] = mark``, ``slots[a]`` = the slot, ``counts[0]`` slots
+    used), or -1 when ``blk`` is full (``counts[1]`` counts those cells)."""
+    if counts[0] >= blk.shape[0] // 1296:  # 9 blocks x 144 per slot
+        counts[1] += 1
+        return -1
+    slot = counts[0]
+    counts[0] = slot + 1
+    marks[_U(a)] = mark
+    slots[_U(a)] = slot
+    _cell_blocks(ay, ax, slot * 9, blk, w4, h4, p2_head, p2_hmark, p2_beg, p2_ch, p2_off, t, w2f)
+    return slot
 
 
 @njit(cache=True, nogil=True)
@@ -1100,7 +1112,6 @@ def _support_one(
     w3f = w3t.reshape(-1)
     w2f = w2p.reshape(-1)
     k1f = k1t.reshape(-1)
-    cap = blk.shape[0] // 1296  # 9 blocks x 144 per slot
     oy = 4 * sy - 18
     ox = 4 * sx - 18
     rlo = 40
@@ -1119,15 +1130,9 @@ def _support_one(
                 src = bblk
             elif slot_mark[_U(a)] == mark:
                 slot = slot_of[_U(a)]
-            elif nsl[0] < cap:
-                slot = nsl[0]
-                nsl[0] = slot + 1
-                slot_mark[_U(a)] = mark
-                slot_of[_U(a)] = slot
-                _cell_blocks(ay, ax, slot * 9, blk, w4, h4, p2_head, p2_hmark, p2_beg, p2_ch, p2_off, t, w2f)
             else:
-                slot = -1
-                nsl[1] += 1
+                slot = _block_slot(a, ay, ax, mark, slot_mark, slot_of, nsl, blk, w4, h4, p2_head, p2_hmark, p2_beg,
+                                   p2_ch, p2_off, t, w2f)
             # four Conv1 features (fixed by the architecture): scalar accumulators stay in
             # registers, where a small array would be stored and reloaded per entry
             d0 = 0.0

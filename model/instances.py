@@ -573,7 +573,7 @@ def _hulk(
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
     offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, loc: np.ndarray, w2p: np.ndarray, w3g: np.ndarray,
     blk: np.ndarray, nsl: np.ndarray, p1_pos: np.ndarray, n_p1: int, row_beg: np.ndarray, row_x: np.ndarray,
-    bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray,
+    bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray, shared: bool,
     hist: np.ndarray, slot: int, written: np.ndarray, n_old: int, s2: np.ndarray,
     qmark: np.ndarray, qstamp: int, classes: np.ndarray, tau: float,
 ) -> tuple[int, np.ndarray]:
@@ -583,14 +583,14 @@ def _hulk(
     helper thread every kernel return waited for the GIL held by the model thread).
     Returns (positions written in ``slot``, the groups of :func:`_group_all`).
 
-    The first 52 parameters repeat ``_decode_batch``'s (as ``SparseSpikeSEG.supports_args``
+    The first 53 parameters repeat ``_decode_batch``'s (as ``SparseSpikeSEG.supports_args``
     builds them): flat arrays are what numba's dispatcher types fastest; one tuple argument
     would be typed element by element in Python on every call."""
     _decode_batch(spikes, n_cls, cut, w3t, w2t, k1t, w4, h2, w2, h, w,
                   p2_head, p2_hmark, p2_next, p2_pos, p2_ch, p2_off, n_p2, p2_beg,
                   p1_head, p1_hmark, p1_next, p1_ch, p1_off, t, gate, stamp0,
                   d3, d3mark, d3list, d2, d2mark, d2list, d2pos, sal, salmark, sallist,
-                  offsets, pixels, bboxes, loc, w2p, w3g, blk, nsl, p1_pos, n_p1, row_beg, row_x, bblk, bslot, bmark)
+                  offsets, pixels, bboxes, loc, w2p, w3g, blk, nsl, p1_pos, n_p1, row_beg, row_x, bblk, bslot, bmark, shared)
     n_written = _record(hist, slot, written, n_old, s2)
     if spikes.shape[0] == 0:
         return n_written, np.zeros((0, 6), np.int64)

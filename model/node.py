@@ -305,7 +305,6 @@ class ModelNode(Transform):
         else:
             self._inst_state: inst.InstanceState | None = None
         self._events_ok: bool | None = None
-        self._ov_held = 0  # overlap: steps whose jobs run on across batches (see iter_batch's ``more``)
         if self.adapter is not None:
             self.adapter.reset()
 
@@ -347,7 +346,8 @@ class ModelNode(Transform):
             yield from self.flush()  # the held step was produced before the bad one: hand it on
             raise
         if self._path == "sparse":  # numpy kernels: no torch autograd state to switch off
-            if self._overlap is not None and (len(steps) > 1 or self._ov_held):
+            # (jobs still pending between calls are steps held across batches: iter_batch's ``more``)
+            if self._overlap is not None and (len(steps) > 1 or self._overlap.pending):
                 yield from self._sparse_overlapped(steps, more)
             else:
                 for s in steps:
@@ -398,10 +398,8 @@ class ModelNode(Transform):
 
         The engine calls it when no step is queued behind a batch it ran with ``more``.
         """
-        held, self._ov_held = self._ov_held, 0
-        if held:
-            ov = self._overlap
-            assert ov is not None  # only the overlap pipeline holds steps
+        ov = self._overlap
+        if ov is not None and ov.pending:  # only the overlap pipeline holds steps
             try:
                 while ov.pending:
                     yield ov.result()
@@ -423,7 +421,6 @@ class ModelNode(Transform):
         spm, ip, ov = self._sparse_model, self._inst_params, self._overlap
         assert spm is not None and ip is not None and ov is not None  # process_batch's condition
         # steps held from the previous batch: their jobs are still queued or running on the helper
-        self._ov_held = 0
         held = False
         try:
             for step in steps:
@@ -442,7 +439,7 @@ class ModelNode(Transform):
                 if ov.pending > OVERLAP_DEPTH:
                     yield ov.result()
             if ov.pending and more is not None and more():
-                self._ov_held, held = ov.pending, True  # their jobs run on; the next batch yields them
+                held = True  # their jobs run on; the next batch (or flush) yields them
                 return
             while ov.pending:
                 yield ov.result()
@@ -452,7 +449,7 @@ class ModelNode(Transform):
 
     def _overlap_job(self, spm: SparseSpikeSEG, st: Any, step: Step, sout: Any, ref: Any) -> MaskResult:
         """Step t's work on the overlap helper, in step order: HULK-SMASH, the mask window, the
-        result (the model thread is the pipeline's bottleneck: ~30 µs per step less there)."""
+        result (off the model thread: benchmarks/README.md y10)."""
         ip = self._inst_params
         assert ip is not None
         spikes, skipped = inst.select_spikes(sout.s3, ip.max_spikes)

@@ -203,9 +203,9 @@ def _layer(
     semantics), float32 (exact: binary inputs, weights on the 2^-12 grid in [0, 1], at most
     1,764 terms), for every active input.  ``wt`` is W as float32 (ci, K, K, co) so
     the innermost loop runs over contiguous output channels.  Touched 2-D positions are
-    listed once per step (``mark == t``; with several output channels ``mark`` also holds
-    the position's slot, and ``cur`` is by slot: row j of ``cur`` is ``touched[j]``'s, see
-    ``_SLOT_BITS``).  Then at touched positions only: replay the
+    listed once per step (``mark`` holds the step count and the position's slot, and
+    ``cur`` is by slot: row j of ``cur`` is ``touched[j]``'s, see ``_SLOT_BITS``; one output
+    channel: :func:`_layer_one`).  Then at touched positions only: replay the
     missed leak steps, apply this step's update in float32, threshold, reset.  Below
     ``exact_below`` (see :func:`exact_leak_limit`) the replay is done in closed form.
     Spikes are flat channels-last indices ``(oy * wo + ox) * C + co``.
@@ -1065,7 +1065,7 @@ def _support_one(
     p1_head: np.ndarray, p1_next: np.ndarray, p1_ch: np.ndarray, p1_off: np.ndarray,
     t: int, cut: float, loc: np.ndarray, span: np.ndarray, pixels: np.ndarray, total: int, box: np.ndarray,
     blk: np.ndarray, slot_of: np.ndarray, slot_mark: np.ndarray, mark: int, nsl: np.ndarray,
-    row_beg: np.ndarray, row_x: np.ndarray, bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray,
+    row_beg: np.ndarray, row_x: np.ndarray, bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray, shared: bool,
 ) -> int:
     """Gated support of ONE S3 spike (flat position ``p`` on the H/4 grid, class ``k``), by gather.
 
@@ -1088,7 +1088,8 @@ def _support_one(
     contiguous channel row.  Missing channels are exact zeros and every product of two
     2^-12-grid weights is exact, so the sums are the same.  The joint mask
     (:func:`_mask_gated`) has usually laid the step's blocks out already, in the step's bank
-    (``bblk``, slot ``bslot[a]`` where ``bmark[a] == t``): those are read, and only cells
+    (``bblk``, slot ``bslot[a]`` where ``bmark[a] == t``; ``shared``: that pass is complete):
+    those are read, and only cells
     without one are built here.  When the ``blk`` slots run out a cell is gathered entry by
     entry (``nsl[1]`` counts those cells; the caller grows ``blk``).
 
@@ -1125,7 +1126,7 @@ def _support_one(
                 continue
             a = ay * w2 + ax
             src = blk
-            if bmark[_U(a)] == t:  # laid out by the joint mask
+            if shared and bmark[_U(a)] == t:  # laid out by the joint mask
                 slot = bslot[_U(a)]
                 src = bblk
             elif slot_mark[_U(a)] == mark:
@@ -1250,7 +1251,7 @@ def _decode_batch(
     sal: np.ndarray, salmark: np.ndarray, sallist: np.ndarray,
     offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, loc: np.ndarray, w2p: np.ndarray,
     w3g: np.ndarray, blk: np.ndarray, nsl: np.ndarray, p1_pos: np.ndarray, n_p1: int,
-    row_beg: np.ndarray, row_x: np.ndarray, bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray,
+    row_beg: np.ndarray, row_x: np.ndarray, bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray, shared: bool,
 ) -> int:
     """Decode each S3 spike on its own (one-hot S3), all B spikes in one call.
 
@@ -1277,7 +1278,7 @@ def _decode_batch(
                                  p2_head, p2_hmark, p2_beg, p2_ch, p2_off,
                                  p1_head, p1_next, p1_ch, p1_off, t, cut, loc, span, pixels, total, bboxes[b],
                                  # the gated path leaves d2pos / d2mark unused: block slots and marks
-                                 blk, d2pos, d2mark, stamp0, nsl, row_beg, row_x, bblk, bslot, bmark)
+                                 blk, d2pos, d2mark, stamp0, nsl, row_beg, row_x, bblk, bslot, bmark, shared)
             continue
         _nd, ns = _decode(one, 1, k, w3t, w2t, k1t, w4, h2, w2, h, w,
                           p2_head, p2_hmark, p2_next, p2_pos, p2_ch, p2_off, n_p2,
@@ -1866,12 +1867,8 @@ class SparseSpikeSEG:
             stamp0 = int(own["stamp"][0])
             own["stamp"][0] = stamp0 + b + 1
         # the joint mask's W2 blocks, once its pass over this step is complete (a call on another
-        # thread while decode_mask runs builds its own): else marks that never match
-        bmark = pb["bmark"]
-        if pb["bready"][0] != ref.t:
-            bmark = own.get("nobmark")
-            if bmark is None or len(bmark) != g.h2 * g.w2:
-                bmark = own["nobmark"] = np.full(g.h2 * g.w2, -1, np.int64)
+        # thread while decode_mask runs builds its own)
+        shared = bool(pb["bready"][0] == ref.t)
         args = (
             spk, self.n_classes, float(p.decoder_threshold) + float(p.decoder_eps),
             self._d3, self._d2, self._k1, g.w4, g.h2, g.w2, g.h, g.w,
@@ -1880,7 +1877,7 @@ class SparseSpikeSEG:
             ref.t, p.decoder_gate, stamp0,
             own["d3"], own["d3mark"], own["d3list"], own["d2"], own["d2mark"], own["d2list"], own["d2pos"],
             own["sal"], own["salmark"], own["sallist"], offsets, pixels, bboxes, own["loc"], self._d2pf,
-            self._d3f, blk, nsl, pb["ppos1"], ref.n_p1, rows[0], rows[1], pb["blk"], pb["bslot"], bmark,
+            self._d3f, blk, nsl, pb["ppos1"], ref.n_p1, rows[0], rows[1], pb["blk"], pb["bslot"], pb["bmark"], shared,
         )
         return args, (offsets, pixels, bboxes)
 

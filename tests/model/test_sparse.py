@@ -11,7 +11,7 @@ import torch
 from model.config import ModelConfig
 from model.decoder import decode_mask
 from model.encoder import Encoder
-from model.sparse import SparseSpikeSEG, exact_leak_limit, params_from_config
+from model.sparse import BLOCK_SLOT, SparseSpikeSEG, exact_leak_limit, params_from_config
 from stream.config import build
 from stream.events import make_events
 
@@ -77,6 +77,22 @@ def test_scene_spikes_indices_masks_identical_to_dense() -> None:
             np.testing.assert_allclose(a, b.v[0].numpy(), rtol=1e-6, atol=1e-5)
     assert n3 > 0, "the scene must drive Conv3, else the decoder comparison is empty"
     assert out.layer_spikes["conv1"] == int(dout.layer_spikes["conv1"].sum())
+
+
+def test_joint_mask_where_d3_exceeds_int16() -> None:
+    """W3 = 1/4 everywhere and Conv3 firing densely: a pool2 cell's D3 (units of 2^-12) is
+    1024 x the S3 spikes in its 7 x 7 window, beyond int16 from 32 spikes on, where the joint
+    mask splits it into two int16 halves for its integer dot products (``_mask_gated``);
+    below, one dot product.  Both kinds of cell occur, and the masks equal the dense decoder's."""
+    rng = np.random.default_rng(7)
+    cfg, enc, sp = _pair({"theta3": 1.0, "conv1_gain": 40.0}, w3=torch.full((1, 36, 7, 7), 0.25))
+    d3 = []
+    for t, (out, st, dout, _d) in enumerate(_run_both(cfg, enc, sp, [_scene(t, 48, 64, rng) for t in range(12)])):
+        _assert_same(sp, out, st, dout, cfg, enc, t)
+        window = torch.nn.functional.conv2d(dout.layer_spikes["conv3"][:, :1], torch.ones((1, 1, 7, 7)), padding=3)
+        d3.append(1024 * window[dout.layer_spikes["pool2"].sum(1, keepdim=True) > 0])  # at cells with P2 entries
+    every = torch.cat(d3)
+    assert (every >= 32768).any() and ((every > 0) & (every < 32768)).any(), "both D3 ranges must occur"
 
 
 @pytest.mark.parametrize("width", [300, 256])
@@ -355,14 +371,14 @@ def test_supports_with_too_few_block_slots_equal_and_grow() -> None:
             continue
         expect = sp.spike_supports(st, out.s3)
         small = sp.decode_scratch(st)
-        small["blk"] = np.empty(2 * 1296, np.float32)  # two cells' blocks
+        small["blk"] = np.empty(2 * BLOCK_SLOT, np.int16)  # two cells' blocks
         small["nsl"] = np.zeros(2, np.int64)
         got = sp.spike_supports(st, out.s3, small)
         assert all(np.array_equal(a, b) for a, b in zip(got, expect))
         assert small["nsl"][0] == 2 and small["nsl"][1] > 0  # both ways were taken
         again = sp.spike_supports(st, out.s3, small)  # grown: every cell has a slot now
         assert all(np.array_equal(a, b) for a, b in zip(again, expect))
-        assert small["nsl"][1] == 0 and len(small["blk"]) > 2 * 1296
+        assert small["nsl"][1] == 0 and len(small["blk"]) > 2 * BLOCK_SLOT
         checked += 1
     assert checked >= 3
 

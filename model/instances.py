@@ -81,6 +81,9 @@ class InstanceState:
     slot: int = -1  # slot of the newest step
     qmark: np.ndarray | None = None  # (h2 * w2,) int64 scratch of _ash: last instance stamp per Conv2 position
     qstamp: int = 0
+    # pixel stamps of the group areas (_group_stats): uint8 per pixel, grown on demand, and the last stamp
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(1, np.uint8))
+    seen_stamp: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
     tracks: list[tuple[int, int, tuple[int, int, int, int]]] = field(default_factory=list)
     next_id: int = 1
     skipped_spikes: int = 0  # spikes beyond max_spikes in the last step
@@ -92,7 +95,7 @@ def fresh_instance_state(height: int, width: int, params: InstanceParams) -> Ins
     hist = np.zeros((h2 * w2, params.ash_window), np.uint64)
     written = np.zeros((params.ash_window, h2 * w2), np.int64)
     return InstanceState(h2, w2, hist, written, np.zeros(params.ash_window, np.int64),
-                         qmark=np.full(h2 * w2, -1, np.int64))
+                         qmark=np.full(h2 * w2, -1, np.int64), seen=np.zeros(height * width, np.uint8))
 
 
 def reset_instance_state(state: InstanceState) -> InstanceState:
@@ -217,19 +220,29 @@ def _popcount(v: np.uint64) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _pairwise(ash: np.ndarray, bboxes: np.ndarray) -> np.ndarray:
-    """SMASH matrix (B, B) = Jaccard(ASH) x IoU(bbox), compiled (the numpy version built
-    B x B x window temporaries: ~0.5 ms per step at 50 spikes).  The Jaccard term is only
-    computed where the boxes overlap (else SMASH is 0 anyway), with ``|A or B| = |A| + |B| -
-    |A and B|`` from per-instance popcounts."""
+def _smash_labels(ash: np.ndarray, bboxes: np.ndarray, classes: np.ndarray, tau: float) -> np.ndarray:
+    """Object label per instance, in order of first instance: the connected components of
+    "same class and SMASH = Jaccard(ASH) x IoU(bbox) >= ``tau``".
+
+    Lazy: a pair already in one component is not scored (its edge could not change the
+    components), and components are kept as a label per instance, relabelled on a join
+    (<= B - 1 joins of <= B labels), so that test is two loads.  A step's spikes mostly sit
+    on a few objects, so after the first joins nearly every pair is skipped; scoring every
+    pair into a B x B matrix and labelling that (the first compiled version) cost ~25 us per
+    step at 64 spikes.  The Jaccard term needs the boxes to overlap (else SMASH is 0) and
+    uses ``|A or B| = |A| + |B| - |A and B|`` with per-instance popcounts.
+    """
     b_n, n_slots = ash.shape
-    out = np.zeros((b_n, b_n))
     cnt = np.zeros(b_n, np.int64)
     for i in range(b_n):
-        for tau in range(n_slots):
-            cnt[i] += _popcount(ash[i, tau])
+        for s in range(n_slots):
+            cnt[i] += _popcount(ash[i, s])
+    comp = np.arange(b_n)
     for i in range(b_n):
-        for j in range(i, b_n):
+        ci = classes[i]
+        for j in range(i + 1, b_n):
+            if classes[j] != ci or comp[j] == comp[i]:
+                continue
             iw = min(bboxes[i, 2], bboxes[j, 2]) - max(bboxes[i, 0], bboxes[j, 0]) + 1
             ih = min(bboxes[i, 3], bboxes[j, 3]) - max(bboxes[i, 1], bboxes[j, 1]) + 1
             if iw <= 0 or ih <= 0:
@@ -238,55 +251,23 @@ def _pairwise(ash: np.ndarray, bboxes: np.ndarray) -> np.ndarray:
             un = (bboxes[i, 2] - bboxes[i, 0] + 1) * (bboxes[i, 3] - bboxes[i, 1] + 1) + \
                 (bboxes[j, 2] - bboxes[j, 0] + 1) * (bboxes[j, 3] - bboxes[j, 1] + 1) - it
             inter = 0
-            for tau in range(n_slots):
-                inter += _popcount(ash[i, tau] & ash[j, tau])
+            for s in range(n_slots):
+                inter += _popcount(ash[i, s] & ash[j, s])
             union = cnt[i] + cnt[j] - inter
             jac = inter / union if union > 0 else 0.0
-            v = jac * (it / un if un > 0 else 0.0)
-            out[i, j] = v
-            out[j, i] = v
-    return out
-
-
-@njit(cache=True, nogil=True)
-def _components(adj: np.ndarray) -> np.ndarray:
-    """Connected-component label per node (union-find), labels in order of first node.
-
-    Compiled: at 50+ spikes per step the adjacency is often dense (one object, all pairs
-    joined) and a Python union-find cost ~2 ms per step (600 k ``find`` calls in a profile).
-    """
-    n = adj.shape[0]
-    parent = np.arange(n)
-    for i in range(n):
-        for j in range(i + 1, n):
-            if adj[i, j]:
-                ri = i
-                while parent[ri] != ri:
-                    ri = parent[ri]
-                rj = j
-                while parent[rj] != rj:
-                    rj = parent[rj]
-                if ri != rj:
-                    parent[max(ri, rj)] = min(ri, rj)
-                # compress: point both chains at the (new) root
-                root = min(ri, rj)
-                for a0 in (i, j):
-                    a = a0
-                    while parent[a] != a:
-                        nxt = parent[a]
-                        parent[a] = root
-                        a = nxt
-    labels = np.full(n, -1, np.int64)
-    remap = np.full(n, -1, np.int64)
+            if jac * (it / un if un > 0 else 0.0) >= tau:
+                keep, gone = min(comp[i], comp[j]), max(comp[i], comp[j])
+                for m in range(b_n):
+                    if comp[m] == gone:
+                        comp[m] = keep
+    labels = np.full(b_n, -1, np.int64)
+    remap = np.full(b_n, -1, np.int64)
     k = 0
-    for i in range(n):
-        r = i
-        while parent[r] != r:
-            r = parent[r]
-        if remap[r] < 0:
-            remap[r] = k
+    for i in range(b_n):
+        if remap[comp[i]] < 0:
+            remap[comp[i]] = k
             k += 1
-        labels[i] = remap[r]
+        labels[i] = remap[comp[i]]
     return labels
 
 
@@ -309,24 +290,38 @@ def _picks(n: int, cap: int) -> np.ndarray:
 
 def group_instances(
     offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, classes: np.ndarray,
-    ash: np.ndarray, width: int, tau: float,
+    ash: np.ndarray, tau: float, state: InstanceState | None = None,
 ) -> list[tuple[int, tuple[int, int, int, int], int]]:
     """SMASH grouping: ``(cls, bbox, area)`` per object, in order of first instance.
 
     Instances with an empty support are ignored.  Only same-class instances join.
+    ``state``: its pixel stamp map is used for the areas (None: a fresh one for this call).
     """
+    seen, stamp = _pixel_stamps(state, pixels)
     g = _group_all(offsets, pixels, np.ascontiguousarray(bboxes).astype(np.int64),
-                   np.ascontiguousarray(classes).astype(np.int64), np.ascontiguousarray(ash), width, float(tau))
+                   np.ascontiguousarray(classes).astype(np.int64), np.ascontiguousarray(ash), seen, stamp,
+                   float(tau))
     return [(int(r[0]), (int(r[1]), int(r[2]), int(r[3]), int(r[4])), int(r[5])) for r in g.tolist()]
+
+
+def _pixel_stamps(state: InstanceState | None, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel stamp map of :func:`_group_stats` (the state's, grown to cover ``pixels``) and its stamp."""
+    need = int(pixels.max()) + 1 if len(pixels) else 1
+    if state is None:
+        return np.zeros(need, np.uint8), np.zeros(1, np.int64)
+    if len(state.seen) < need:
+        state.seen = np.zeros(need, np.uint8)
+    return state.seen, state.seen_stamp
 
 
 @njit(cache=True, nogil=True)
 def _group_all(
     offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, classes: np.ndarray, ash: np.ndarray,
-    width: int, tau: float,
+    seen: np.ndarray, stamp: np.ndarray, tau: float,
 ) -> np.ndarray:
     """(n_objects, 6) int64 rows ``cls, x0, y0, x1, y1, area``: the whole grouping compiled
-    (the numpy glue around the kernels cost ~0.1 ms per step)."""
+    (the numpy glue around the kernels cost ~0.1 ms per step); ``seen``, ``stamp``: see
+    :func:`_group_stats`."""
     b_n = offsets.shape[0] - 1
     n_keep = 0
     keep = np.empty(b_n, np.int64)
@@ -339,19 +334,16 @@ def _group_all(
     keep = keep[:n_keep]
     ash_k = np.empty((n_keep, ash.shape[1]), np.uint64)
     bb_k = np.empty((n_keep, 4), np.int64)
+    cls_k = np.empty(n_keep, np.int64)
     for i in range(n_keep):
         ash_k[i] = ash[keep[i]]
         bb_k[i] = bboxes[keep[i]]
-    sm = _pairwise(ash_k, bb_k)
-    adj = np.zeros((n_keep, n_keep), np.bool_)
-    for i in range(n_keep):
-        for j in range(n_keep):
-            adj[i, j] = sm[i, j] >= tau and classes[keep[i]] == classes[keep[j]]
-    labels = _components(adj)
+        cls_k[i] = classes[keep[i]]
+    labels = _smash_labels(ash_k, bb_k, cls_k, tau)
     n_g = 0
     for i in range(n_keep):
         n_g = max(n_g, labels[i] + 1)
-    stats = _group_stats(offsets, pixels, bboxes, keep, labels, n_g, width)
+    stats = _group_stats(offsets, pixels, bboxes, keep, labels, n_g, seen, stamp)
     out = np.empty((n_g, 6), np.int64)
     first = np.full(n_g, -1, np.int64)
     for i in range(n_keep):
@@ -367,13 +359,17 @@ def _group_all(
 @njit(cache=True, nogil=True)
 def _group_stats(
     offsets: np.ndarray, pixels: np.ndarray, bboxes: np.ndarray, keep: np.ndarray, labels: np.ndarray,
-    n_g: int, width: int,
+    n_g: int, seen: np.ndarray, stamp: np.ndarray,
 ) -> np.ndarray:
     """(n_g, 5) int64: union bbox (x0, y0, x1, y1) and area (distinct pixels) of each group.
 
     A member's bbox is its support's pixel bbox, so the group bbox is the union of member
-    bboxes; the area counts distinct pixels with a mark grid over that bbox (compiled: the
-    ``np.unique`` of the concatenated supports cost ~0.3 ms per step at 64 spikes).
+    bboxes.  The area counts distinct pixels group by group with ``seen``, a uint8 stamp per
+    pixel (flat index; longer than the largest, zero or stamped earlier) and ``stamp[0]``,
+    the last stamp used: a pixel is new to the group when its stamp differs; after 255
+    stamps the map is cleared.  (A mark grid over each group's bbox needed a division per
+    support row for the pixel's y and an allocation per group: ~20 us per step at 64 spikes;
+    ``np.unique`` of the concatenated supports ~0.3 ms.)
     """
     out = np.zeros((n_g, 5), np.int64)
     for g in range(n_g):
@@ -381,35 +377,40 @@ def _group_stats(
         out[g, 1] = 1 << 40
         out[g, 2] = -1
         out[g, 3] = -1
+    # members by group (counting sort, in instance order within a group)
+    beg = np.zeros(n_g + 1, np.int64)
     for i in range(keep.shape[0]):
         g = labels[i]
+        beg[g + 1] += 1
         b = keep[i]
         out[g, 0] = min(out[g, 0], bboxes[b, 0])
         out[g, 1] = min(out[g, 1], bboxes[b, 1])
         out[g, 2] = max(out[g, 2], bboxes[b, 2])
         out[g, 3] = max(out[g, 3], bboxes[b, 3])
     for g in range(n_g):
-        x0 = out[g, 0]
-        y0 = out[g, 1]
-        bw = out[g, 2] - x0 + 1
-        seen = np.zeros((out[g, 3] - y0 + 1) * bw, np.uint8)
+        beg[g + 1] += beg[g]
+    fill = beg[:n_g].copy()
+    members = np.empty(keep.shape[0], np.int64)
+    for i in range(keep.shape[0]):
+        members[fill[labels[i]]] = keep[i]
+        fill[labels[i]] += 1
+    st = stamp[0]
+    for g in range(n_g):
+        st += 1
+        if st > 255:
+            seen[:] = 0
+            st = 1
+        mark = np.uint8(st)
         area = 0
-        for i in range(keep.shape[0]):
-            if labels[i] != g:
-                continue
-            b = keep[i]
-            row0 = 0
-            y = 0
+        for m in range(beg[g], beg[g + 1]):
+            b = members[m]
             for j in range(offsets[b], offsets[b + 1]):
                 o = pixels[j]
-                if o < row0 or o >= row0 + width:  # divide only when the row changes
-                    y = o // width
-                    row0 = y * width
-                k = (y - y0) * bw + (o - row0 - x0)
-                if seen[k] == 0:
-                    seen[k] = 1
+                if seen[o] != mark:
+                    seen[o] = mark
                     area += 1
         out[g, 4] = area
+    stamp[0] = st
     return out
 
 
@@ -500,7 +501,7 @@ def instances_step(
         state.qmark = np.full(state.h2 * state.w2, -1, np.int64)
     ash = _ash(offsets, pixels, width, state.h2, state.w2, state.hist, state.slot, state.qmark, state.qstamp)
     state.qstamp += len(offsets)
-    objs = group_instances(offsets, pixels, bboxes, classes, ash, width, params.smash_tau)
+    objs = group_instances(offsets, pixels, bboxes, classes, ash, params.smash_tau, state)
     return track(objs, state, params.track_iou), state
 
 
@@ -542,6 +543,8 @@ def sparse_hulk(
         state = fresh_instance_state(g.h, g.w, params)
     if state.qmark is None:
         state.qmark = np.full(state.h2 * state.w2, -1, np.int64)
+    if len(state.seen) < g.h * g.w:  # every support pixel lies on the sensor
+        state.seen = np.zeros(g.h * g.w, np.uint8)
     args, (offsets, _pixels, _bboxes) = model.supports_args(sstate, spikes, scratch, at)
     n = state.hist.shape[1]
     slot = (state.slot + 1) % n
@@ -549,6 +552,7 @@ def sparse_hulk(
     n_written, groups = _hulk(
         *args, state.hist, slot, state.written[slot], int(state.n_written[slot]),
         np.ascontiguousarray(out.s2, dtype=np.int64), state.qmark, state.qstamp, classes, float(params.smash_tau),
+        state.seen, state.seen_stamp,
     )
     state.n_written[slot] = n_written
     state.slot = slot
@@ -575,7 +579,7 @@ def _hulk(
     blk: np.ndarray, nsl: np.ndarray, p1_pos: np.ndarray, n_p1: int, row_beg: np.ndarray, row_x: np.ndarray,
     bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray, shared: bool,
     hist: np.ndarray, slot: int, written: np.ndarray, n_old: int, s2: np.ndarray,
-    qmark: np.ndarray, qstamp: int, classes: np.ndarray, tau: float,
+    qmark: np.ndarray, qstamp: int, classes: np.ndarray, tau: float, seen: np.ndarray, seen_stamp: np.ndarray,
 ) -> tuple[int, np.ndarray]:
     """Per-spike supports (``model.sparse._decode_batch``), the Conv2 history push
     (:func:`_record`), ASH (:func:`_ash`) and SMASH grouping (:func:`_group_all`) as one
@@ -595,7 +599,7 @@ def _hulk(
     if spikes.shape[0] == 0:
         return n_written, np.zeros((0, 6), np.int64)
     ash = _ash(offsets, pixels, w, h2, w2, hist, slot, qmark, qstamp)
-    return n_written, _group_all(offsets, pixels, bboxes, classes, ash, w, tau)
+    return n_written, _group_all(offsets, pixels, bboxes, classes, ash, seen, seen_stamp, tau)
 
 
 def empty_supports() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from model.decoder import decode_saliency
 from model.encoder import Encoder
 from model.instances import (
     InstanceParams,
+    _smash_labels,
     bbox_iou,
     dense_spike_supports,
     fresh_instance_state,
@@ -67,7 +68,7 @@ def test_two_blobs_two_objects_one_blob_one_object() -> None:
     boxes = [(2, 2, 12, 12), (4, 3, 14, 13), (3, 5, 13, 15), (40, 30, 50, 40), (42, 31, 52, 41)]
     offsets, pixels, bboxes = _supports(boxes)
     cls = np.ones(5, np.int64)
-    objs = group_instances(offsets, pixels, bboxes, cls, feats, W, 0.1)
+    objs = group_instances(offsets, pixels, bboxes, cls, feats, 0.1)
     assert len(objs) == 2
     (c0, b0, a0), (c1, b1, a1) = objs
     assert (c0, b0) == (1, (2, 2, 14, 15)) and (c1, b1) == (1, (40, 30, 52, 41))
@@ -75,13 +76,65 @@ def test_two_blobs_two_objects_one_blob_one_object() -> None:
     assert a1 == len(np.unique(np.concatenate([_box_pixels(*b) for b in boxes[3:]])))
     # one blob: only the first three instances
     o3, p3, b3 = _supports(boxes[:3])
-    assert len(group_instances(o3, p3, b3, cls[:3], feats[:3], W, 0.1)) == 1
+    assert len(group_instances(o3, p3, b3, cls[:3], feats[:3], 0.1)) == 1
     # same place, disjoint features: SMASH = 0, so no join
     feats2 = feats.copy()
     feats2[1] = np.array([0b1 << 20, 0], np.uint64)
-    assert len(group_instances(o3, p3, b3, cls[:3], feats2[:3], W, 0.1)) == 2
+    assert len(group_instances(o3, p3, b3, cls[:3], feats2[:3], 0.1)) == 2
     # different classes never join
-    assert len(group_instances(o3, p3, b3, np.array([1, 2, 1]), feats[:3], W, 0.1)) == 2
+    assert len(group_instances(o3, p3, b3, np.array([1, 2, 1]), feats[:3], 0.1)) == 2
+
+
+def test_group_areas_over_many_steps_with_overlapping_groups() -> None:
+    """Areas come from a per-pixel uint8 stamp map in the state, one stamp per group and step,
+    cleared after 255 stamps: over 200 steps of two overlapping groups (two classes on the same
+    pixels), each area is the number of distinct pixels of its members."""
+    st = fresh_instance_state(48, W, InstanceParams())
+    boxes = [(2, 2, 12, 12), (4, 3, 14, 13), (6, 5, 16, 15), (3, 4, 9, 20)]
+    offsets, pixels, bboxes = _supports(boxes)
+    feats = np.array([[0b111, 0b11]] * 4, np.uint64)
+    cls = np.array([1, 2, 1, 2])
+    expect = [len(np.unique(np.concatenate([_box_pixels(*boxes[i]) for i in members]))) for members in ((0, 2), (1, 3))]
+    for step in range(200):  # 400 stamps: the map is cleared once
+        objs = group_instances(offsets, pixels, bboxes, cls, feats, 0.1, st)
+        assert [(c, a) for c, _b, a in objs] == [(1, expect[0]), (2, expect[1])], f"step {step}"
+    assert 0 < st.seen_stamp[0] < 256
+
+
+def test_smash_labels_equal_the_components_of_every_pair_s_score() -> None:
+    """The grouping scores pairs lazily (a pair already in one component is skipped); its
+    labels equal the connected components of the full same-class, SMASH >= tau graph built
+    pair by pair here, labelled in order of first instance."""
+    rng = np.random.default_rng(4)
+    joins = splits = 0
+    for _ in range(40):
+        n = int(rng.integers(2, 30))
+        ash = (rng.integers(0, 2**12, (n, 4)) & rng.integers(0, 2**12, (n, 4))).astype(np.uint64)
+        xy = rng.integers(0, 60, (n, 2))
+        wh = rng.integers(1, 25, (n, 2))
+        bb = np.concatenate([xy, xy + wh], axis=1).astype(np.int64)
+        cls = rng.integers(1, 3, n).astype(np.int64)
+        tau = float(rng.choice([0.02, 0.1, 0.3]))
+        adj = [[cls[i] == cls[j] and jaccard(ash[i], ash[j]) * bbox_iou(bb[i], bb[j]) >= tau for j in range(n)]
+               for i in range(n)]
+        expect = [-1] * n
+        k = 0
+        for i in range(n):  # components by depth-first search, numbered in order of first instance
+            if expect[i] >= 0:
+                continue
+            todo = [i]
+            expect[i] = k
+            while todo:
+                a = todo.pop()
+                for b in range(n):
+                    if adj[a][b] and expect[b] < 0:
+                        expect[b] = k
+                        todo.append(b)
+            k += 1
+        assert _smash_labels(ash, bb, cls, tau).tolist() == expect
+        joins += k < n
+        splits += k > 1
+    assert joins >= 5 and splits >= 5  # both outcomes exercised
 
 
 def test_stable_ids_while_moving_new_ids_never_reused_and_reset() -> None:

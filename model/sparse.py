@@ -1285,15 +1285,18 @@ def _support_one(
                 continue
             if -oy <= ly <= h - 1 - oy:
                 py = ly + oy
+                base = py * w + ox
+                t0 = total
+                # branch-free: every candidate is written, the count advances on the kept ones
+                # (the buffer has room for a spike's whole crop): supports 0.93x
                 for lx in range(max(c_lo, -ox), min(c_hi, w - 1 - ox) + 1):
-                    if loc[_U(ly), _U(lx)] > cut:
-                        px = lx + ox
-                        pixels[_U(total)] = py * w + px
-                        total += 1
-                        x0 = min(x0, px)
-                        x1 = max(x1, px)
-                        y0 = min(y0, py)
-                        y1 = max(y1, py)
+                    pixels[_U(total)] = base + lx
+                    total += np.int64(loc[_U(ly), _U(lx)] > cut)
+                if total > t0:  # kept pixels run left to right: the row's first and last
+                    y0 = min(y0, py)
+                    y1 = max(y1, py)
+                    x0 = min(x0, pixels[_U(t0)] - py * w)
+                    x1 = max(x1, pixels[_U(total - 1)] - py * w)
             for lx in range(c_lo, c_hi + 1):
                 loc[_U(ly), _U(lx)] = 0.0
             span[_U(ly), 0] = 40

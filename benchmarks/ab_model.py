@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -61,23 +62,44 @@ def extract(rev: str, dest: Path) -> Path:
     return dest / "model_rev"
 
 
+def _local_imports(src: str) -> set[str]:
+    """The package-relative modules a module's source imports (``from .x import``, ``from . import x``)."""
+    deps = set(re.findall(r"^\s*from \.(\w+)", src, re.M))
+    for names in re.findall(r"^\s*from \. import ([\w, ]+)", src, re.M):
+        deps |= {n.strip().split(" as ")[0].strip() for n in names.split(",")}
+    return deps
+
+
 def share_unchanged(pkg: Path) -> list[str]:
     """Alias the revision's unchanged modules to the working tree's (``sys.modules``); returns the
-    names of the modules that differ.  Raises if a config-registering module differs."""
-    changed = []
-    for f in sorted(pkg.glob("*.py")):
-        name = f.stem
-        cur = REPO / "model" / f.name
-        if name == "__init__":
-            continue
-        if cur.is_file() and _digest(cur) == _digest(f):
+    names of the modules loaded from the revision: those that differ, and those that import one
+    of them (directly or not), since an alias would run the working tree's version of what
+    they import.  Raises if a config-registering module is among them."""
+    mods = {f.stem: f for f in sorted(pkg.glob("*.py")) if f.stem != "__init__"}
+    changed = {name for name, f in mods.items()
+               if not (REPO / "model" / f.name).is_file() or _digest(REPO / "model" / f.name) != _digest(f)}
+    for d in (p for p in pkg.iterdir() if p.is_dir() and (p / "__init__.py").is_file()):  # subpackages
+        cur = REPO / "model" / d.name
+        if any(not (cur / f.relative_to(d)).is_file() or _digest(cur / f.relative_to(d)) != _digest(f)
+               for f in d.rglob("*.py")):
+            changed.add(d.name)
+    differs = set(changed)
+    deps = {name: _local_imports(f.read_text()) for name, f in mods.items()}
+    grew = True
+    while grew:  # importers of a changed module come from the revision too
+        grew = False
+        for name in mods:
+            if name not in changed and deps[name] & changed:
+                changed.add(name)
+                grew = True
+    for name in sorted(changed & set(SECTION_MODULES)):
+        why = "differs" if name in differs else "imports a module that differs"
+        raise ABError(f"model/{name}.py {why} between the revision and the working tree; it registers a config "
+                      "section, which one process can hold once: compare revisions with the same config")
+    for name in mods:
+        if name not in changed:
             sys.modules[f"model_rev.{name}"] = importlib.import_module(f"model.{name}")
-        elif name in SECTION_MODULES:
-            raise ABError(f"model/{f.name} differs between the revision and the working tree; it registers a config "
-                          "section, which one process can hold once: compare revisions with the same config")
-        else:
-            changed.append(name)
-    return changed
+    return sorted(changed)
 
 
 def _inputs(kind: str, size: Any, n: int, cfg: Any) -> list[Any]:

@@ -20,17 +20,22 @@ def test_bad_revision_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str])
 
 
 def test_unchanged_modules_are_shared_and_a_changed_config_is_refused(tmp_path: Path) -> None:
+    """Unchanged modules are the working tree's, unless they import a changed one (else the
+    revision's node would run the working tree's kernels: a first version compared the working
+    tree with itself whenever node.py was unchanged)."""
     pkg = tmp_path / "model_rev"
     pkg.mkdir()
     src = ab_model.REPO / "model"
-    for name in ("__init__.py", "neurons.py", "config.py"):
+    for name in ("__init__.py", "neurons.py", "config.py", "instances.py", "node.py"):
         shutil.copy(src / name, pkg / name)
     (pkg / "sparse.py").write_text("# another version\n")
     try:
-        assert ab_model.share_unchanged(pkg) == ["sparse"]
+        # instances imports sparse, node imports instances (and sparse): all three from the revision
+        assert ab_model.share_unchanged(pkg) == ["instances", "node", "sparse"]
         import model.neurons
 
         assert sys.modules["model_rev.neurons"] is model.neurons
+        assert "model_rev.node" not in sys.modules and "model_rev.instances" not in sys.modules
         (pkg / "config.py").write_text("# another config\n")
         with pytest.raises(ab_model.ABError, match="model/config.py differs .* registers a config section"):
             ab_model.share_unchanged(pkg)

@@ -287,6 +287,12 @@ def test_bad_input_and_params_are_loud() -> None:
     p = params_from_config(cfg)
     with pytest.raises(ValueError, match="w2 shape"):
         SparseSpikeSEG(np.zeros((4, 2, 5, 5)), np.zeros((36, 4, 3, 3)), np.zeros((1, 36, 7, 7)), p)
+    # the gated decoder's integer tables need W2, W3 on the 2^-12 grid in [0, 1]; ungated takes any
+    w2, w3 = np.full((36, 4, 5, 5), 0.5), np.full((1, 36, 7, 7), 0.5)
+    for bad2, bad3 in ((w2 + 1e-5, w3), (w2, w3 * 3.0)):
+        with pytest.raises(ValueError, match="off the 2.-12 grid or outside .0, 1.*quantize_weights"):
+            SparseSpikeSEG(np.zeros((4, 2, 5, 5)), bad2, bad3, p)
+    SparseSpikeSEG(np.zeros((4, 2, 5, 5)), w2 + 1e-5, w3, params_from_config(build(ModelConfig, {"decoder_gate": False})))
     _o, st = sp.step(np.zeros((2, 16, 16), np.float32), None)
     with pytest.raises(ValueError, match="differs"):
         sp.step(np.zeros((2, 16, 20), np.float32), st)

@@ -229,8 +229,9 @@ def _smash_labels(ash: np.ndarray, bboxes: np.ndarray, classes: np.ndarray, tau:
     (<= B - 1 joins of <= B labels), so that test is two loads.  A step's spikes mostly sit
     on a few objects (~4 components of 64 instances on the scene), so after the first joins
     nearly every pair is skipped (~120 of 2,016 pairs scored) instead of scoring every pair
-    into a B x B matrix and labelling that.  The Jaccard term needs the boxes to overlap (else SMASH is 0) and
-    uses ``|A or B| = |A| + |B| - |A and B|`` with per-instance popcounts.
+    into a B x B matrix and labelling that.  The Jaccard term needs the boxes to overlap
+    (else SMASH is 0) and uses ``|A or B| = |A| + |B| - |A and B|`` with per-instance
+    popcounts.
     """
     b_n, n_slots = ash.shape
     cnt = np.zeros(b_n, np.int64)

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compress", action="store_true", help="send masks uncompressed (encoding u8)")
     p.add_argument("--wait-subscribers", type=int, default=None, metavar="N", help="start the source only after N subscribers joined")
     p.add_argument("--zmq-curve", default=None, metavar="KEYDIR", help="CURVE encryption/authentication with keys from KEYDIR")
-    p.add_argument("--adapt", action="store_true", help="keep learning (online STDP) while streaming")
+    p.add_argument("--adapt", action="store_true", help="keep learning (online STDP) while streaming; runs the dense model path, "
+                   "far slower on CPU than the default (docs/quality.md, section 5)")
     p.add_argument("--adapt-layers", default=None, metavar="L", help="layers to adapt, comma-separated: conv2[,conv3]")
     p.add_argument("--save-weights", default=None, metavar="PATH", help="with --adapt: write the adapted checkpoint here")
     p.add_argument("--overwrite", action="store_true", help="allow outputs to replace existing files")

@@ -68,8 +68,8 @@ def decode_saliency(out: EncoderOutput, w1: Tensor, w2: Tensor, w3: Tensor, gate
     d = _unpool(d, idx1, size1, n)
     if gate:
         d = d * out.layer_spikes["conv1"].double().repeat(n, 1, 1, 1)
-    d = F.conv_transpose2d(d, w1, padding=2)
-    sal = d.sum(dim=1)  # (n * B, H, W), row k*B + b
+    # the polarity sum taken on W1 first (linear and exact on the grid): half the last conv
+    sal = F.conv_transpose2d(d, w1.sum(1, keepdim=True), padding=2)[:, 0]  # (n * B, H, W), row k*B + b
     return sal.reshape(n, b, *sal.shape[-2:]).transpose(0, 1)
 
 
@@ -94,9 +94,11 @@ def decode_mask_crops(
     the spike can reach.  The crops are added into a zero canvas (``index_put_`` with
     accumulate); float64 sums of weights on the 2^-12 grid are exact, so the order of
     accumulation cannot change a bit and the mask equals the full-frame decoder's.
-    Why: the full-frame float64 transposed convs cost ~70 ms per step on this CPU (no
-    float64 MKL-DNN kernels) and ~0.3 ms per step on an H100 (cuDNN dgrad in float64);
-    the crops cost ~0.4 MMAC per spike.  ``chunk`` spikes at a time bound the memory.
+    Why: the full-frame float64 transposed convs cost ~40-110 ms per step at 346x260 on this
+    CPU (no float64 MKL-DNN kernels) and ~0.3 ms on an H100 (cuDNN dgrad in float64); a
+    crop costs ~0.4 MMAC, ~0.4 ms on this CPU, so crops win on CPU only for steps with few
+    spikes (the node picks per step: ``model.node.CROP_PIXELS_PER_SPIKE``).  ``chunk``
+    spikes at a time bound the memory.
     """
     from .instances import spike_crops
 

@@ -751,7 +751,9 @@ def spike_crops(dout: Any, w1: Any, w2: Any, w3: Any, gate: bool, rb: Any, ys: A
     off1 = ((torch.div(i1, w, rounding_mode="floor") - 2 * c1y[:, None, :, None]) * 2
             + (i1 % w - 2 * c1x[:, None, None, :])).clamp(0, 3)
     u1 = _unpool_crop(v1, off1)  # (B, 4, 36, 36), pixels 4y-16 .. 4y+19
-    sal = F.conv_transpose2d(u1, w1.to(f64)).sum(1)  # (B, 40, 40), pixels 4y-18 .. 4y+21
+    # the polarity sum taken on the weights first (linear, exact on the grid): one output
+    # channel instead of two, ~0.7x of this float64 conv's time on CPU
+    sal = F.conv_transpose2d(u1, w1.to(f64).sum(1, keepdim=True))[:, 0]  # (B, 40, 40), pixels 4y-18 .. 4y+21
     r40 = torch.arange(-18, 22, device=dev)
     py, px = 4 * ys[:, None] + r40, 4 * xs[:, None] + r40
     okp = ((py >= 0) & (py < h))[:, :, None] & ((px >= 0) & (px < w))[:, None, :]

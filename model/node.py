@@ -62,6 +62,12 @@ from .sparse import SparseSpikeSEG
 # with the threads slowing each other, 0.4 .. 0.6 measured the same within noise)
 _MASK_VS_SUPPORTS = 0.5
 
+#: the dense joint mask on CPU (``dense_decode="auto"``): the per-spike 40 x 40 crops cost
+#: about as much as a full-frame float64 decode of this many pixels per spike (measured on 2
+#: cores: crops 0.35-0.46 ms per spike, full frame 0.5-1.2 us per pixel at 64x64 .. 640x480),
+#: so a step is decoded by crops when its spikes x this < its pixels x classes, else full frame
+CROP_PIXELS_PER_SPIKE = 400
+
 #: overlap pipeline: HULK-SMASH jobs in flight on the helper while the model thread encodes on
 #: (``OVERLAP_DEPTH + 1`` banks of pooling lists, ~12 MB each at 346x260)
 OVERLAP_DEPTH = 2
@@ -157,10 +163,11 @@ class ModelNode(Transform):
             batch_mode == "window" or (batch_mode == "auto" and not cpu)
         )
         # the dense joint mask: full-frame transposed convs (~15 launches for every row of a
-        # window) on CUDA, per-spike 40x40 crops on CPU (no float64 MKL-DNN kernels there:
-        # ~70 ms per full frame at 346x260; the crops cost ~200 launches per 512 spikes,
-        # which is what made a GPU step launch-bound).  Same masks bit for bit either way.
-        self._full_decode = dense_decode == "full" or (dense_decode == "auto" and not cpu)
+        # window) on CUDA (the crops cost ~200 launches per 512 spikes, which is what made a
+        # GPU step launch-bound); on CPU whichever costs less for the step's spike count
+        # (CROP_PIXELS_PER_SPIKE: float64 has no MKL-DNN kernels there, ~90 ms per full frame
+        # at 346x260, ~0.4 ms per spike's crop).  Same masks bit for bit either way.
+        self._decode_choice = "cost" if dense_decode == "auto" and cpu else ("crops" if dense_decode == "crops" else "full")
         if mc.compile is True and not self._windowed:
             raise UsageError(
                 "model.compile: true compiles the dense window path, which runs on CUDA; this node runs the "
@@ -578,7 +585,7 @@ class ModelNode(Transform):
         n1, n2, n3 = torch.stack([s1.sum(), s2.sum(), s3.sum()]).to(torch.int64).cpu().tolist()
         h, w = x.shape[-2:]
         if n3:
-            raw = self._joint_masks(out)[0]
+            raw = self._joint_masks(out, n3)[0]
         else:
             raw = torch.zeros((h, w), dtype=torch.uint8, device=x.device)
         instances = self._dense_instances(out, 0, n3, h, w, None) if self._inst_params is not None else []
@@ -608,7 +615,7 @@ class ModelNode(Transform):
         raws = torch.zeros((t_n, h, w), dtype=torch.uint8, device=x.device)
         if fired:
             rows = torch.tensor(fired, device=x.device)
-            raws[rows] = self._joint_masks(_rows(out, rows))
+            raws[rows] = self._joint_masks(_rows(out, rows), sum(counts_h[t][2] for t in fired))
         masks, self._win_state = window_steps(raws, self._win_state, mc.mask_window, mc.mask_window_mode,
                                               mc.mask_decay, mc.n_classes)
         masks_h = masks.cpu().numpy()  # sync 2 of 2
@@ -634,13 +641,23 @@ class ModelNode(Transform):
                                       layer_spikes={"conv1": n1, "conv2": n2, "conv3": n3}, model_done_ns=done))
         return results
 
-    def _joint_masks(self, out: EncoderOutput) -> torch.Tensor:
-        """Raw masks (R, H, W) uint8 of the rows of ``out`` (all fired): full frame or crops (see ``__init__``)."""
+    def _joint_masks(self, out: EncoderOutput, n_spikes: int) -> torch.Tensor:
+        """Raw masks (R, H, W) uint8 of the rows of ``out`` (all fired, ``n_spikes`` Conv3 spikes in
+        all): full frame or crops (see ``__init__``)."""
         enc, mc = self.encoder, self.mc
         assert enc is not None
-        if self._full_decode:
+        if self._use_full_decode(out.classification_spikes.shape, n_spikes):
             return decode_mask(out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold)
         return decode_mask_crops(out, enc.w1, enc.w2, enc.w3, mc.decoder_gate, mc.decoder_threshold)
+
+    def _use_full_decode(self, s3_shape: torch.Size, n_spikes: int) -> bool:
+        """Whether :meth:`_joint_masks` decodes rows of ``s3_shape`` (R, n_cls, H/4, W/4) holding
+        ``n_spikes`` spikes full frame (else by per-spike crops)."""
+        if self._decode_choice != "cost":
+            return self._decode_choice == "full"
+        h, w = self.size.height, self.size.width
+        # the full-frame decoder runs one H x W map per class and row (model.decoder.decode_saliency)
+        return n_spikes * CROP_PIXELS_PER_SPIKE >= s3_shape[0] * s3_shape[1] * h * w
 
     def _dense_instances(self, out: EncoderOutput, row: int, n3: int, h: int, w: int, s2: np.ndarray | None,
                          sup: Any = None) -> list[Instance]:

@@ -619,3 +619,47 @@ def test_overlap_in_the_pipeline_gives_every_step_the_sequential_result() -> Non
     assert [r.step.index for r in ovl] == list(range(300))
     assert _summary(seq) == _summary(ovl) and [r.instances for r in seq] == [r.instances for r in ovl]
     assert sum(len(r.instances) for r in ovl) > 0
+
+
+def test_cpu_dense_joint_mask_picks_the_cheaper_decoder_with_the_same_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dense_decode="auto" on CPU decodes a step by per-spike crops when it has few Conv3 spikes
+    for its pixels and full frame otherwise (model.node.CROP_PIXELS_PER_SPIKE); either way the
+    masks equal those of a node forced to one decoder, stepwise and in windows."""
+    import model.node as node_mod
+
+    steps = _steps(12)  # 0, 40 .. 64 Conv3 spikes per step at 40x32
+    shape = torch.Size((1, 1, SIZE.height // 4, SIZE.width // 4))
+    px = SIZE.height * SIZE.width
+    auto = _node(path="dense")
+    per = node_mod.CROP_PIXELS_PER_SPIKE
+    assert auto._use_full_decode(shape, -(-px // per))  # many spikes for the pixels: full frame
+    assert not auto._use_full_decode(shape, px // per - 1)  # few: crops
+    assert not auto._use_full_decode(torch.Size((3, *shape[1:])), px // per)  # a window's 3 rows
+    assert not auto._use_full_decode(torch.Size((1, 2, *shape[2:])), px // per)  # 2 classes: a map each
+    runs = {}
+    for decode in ("crops", "full"):
+        node = ModelNode(_config(path="dense"), SIZE, 2, "cpu", dense_decode=decode)
+        node.open(_ctx())
+        assert node._use_full_decode(shape, 1) == (decode == "full")
+        try:
+            runs[decode] = [node.process(s)[0] for s in steps]
+        finally:
+            node.close()
+    # a break-even between these steps' counts (1,280 px / 25 = 51 spikes), so auto uses both
+    monkeypatch.setattr(node_mod, "CROP_PIXELS_PER_SPIKE", 25)
+    used: list[str] = []
+    for name in ("decode_mask", "decode_mask_crops"):
+        real = getattr(node_mod, name)
+        monkeypatch.setattr(node_mod, name, lambda *a, _r=real, _n=name, **k: (used.append(_n), _r(*a, **k))[1])
+    win = ModelNode(_config(path="dense"), SIZE, 2, "cpu", batch_mode="window")
+    win.open(_ctx())
+    try:
+        a = [auto.process(s)[0] for s in steps]
+        assert used.count("decode_mask_crops") >= 3 and used.count("decode_mask") >= 3
+        b = win.process_batch(steps)
+    finally:
+        auto.close()
+        win.close()
+    assert sum(r.layer_spikes["conv3"] for r in a) > 20
+    assert _summary(a) == _summary(runs["crops"]) == _summary(runs["full"]) == _summary(b)
+    assert [r.instances for r in a] == [r.instances for r in runs["crops"]] == [r.instances for r in b]

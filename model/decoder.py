@@ -40,6 +40,18 @@ def _unpool(d: Tensor, idx: Tensor, size: tuple[int, int], n_rep: int) -> Tensor
     return F.max_unpool2d(d, idx, 2, stride=2, output_size=size)
 
 
+def _transposed_conv_few_in(x: Tensor, w: Tensor, padding: int) -> Tensor:
+    """``conv_transpose2d(x, w, padding=padding)`` for few input channels (the classes) and many
+    outputs (W3: n_classes -> 36).  On CPU, as the equivalent forward conv with the flipped
+    kernel: torch's CPU transposed conv builds a (C_out * k * k, H * W) column buffer there
+    (87 ms against 5.7 ms at 346x260 in float64).  The same products and sums, exact on the
+    weight grid, so the result is identical."""
+    if x.device.type != "cpu":
+        return F.conv_transpose2d(x, w, padding=padding)
+    k = w.shape[-1]
+    return F.conv2d(x, w.flip(2, 3).transpose(0, 1), padding=k - 1 - padding)
+
+
 def decode_saliency(out: EncoderOutput, w1: Tensor, w2: Tensor, w3: Tensor, gate: bool) -> Tensor:
     """Per-class saliency (B, n_classes, H, W), float64, for one step (equations in the module docstring).
 
@@ -60,7 +72,7 @@ def decode_saliency(out: EncoderOutput, w1: Tensor, w2: Tensor, w3: Tensor, gate
         # row (k, b) holds class k of stream b only: x[k*B + b, c] = s3[b, c] * (c == k)
         eye = torch.eye(n, dtype=s3.dtype, device=s3.device)
         x = (eye[:, None, :, None, None] * s3[None]).reshape(n * b, n, h3, w3s)
-    d = F.conv_transpose2d(x, w3, padding=3)
+    d = _transposed_conv_few_in(x, w3, 3)
     d = _unpool(d, idx2, size2, n)
     if gate:
         d = d * out.layer_spikes["conv2"].double().repeat(n, 1, 1, 1)
@@ -94,11 +106,11 @@ def decode_mask_crops(
     the spike can reach.  The crops are added into a zero canvas (``index_put_`` with
     accumulate); float64 sums of weights on the 2^-12 grid are exact, so the order of
     accumulation cannot change a bit and the mask equals the full-frame decoder's.
-    Why: the full-frame float64 transposed convs cost ~40-110 ms per step at 346x260 on this
-    CPU (no float64 MKL-DNN kernels) and ~0.3 ms on an H100 (cuDNN dgrad in float64); a
-    crop costs ~0.4 MMAC, ~0.4 ms on this CPU, so crops win on CPU only for steps with few
-    spikes (the node picks per step: ``model.node.CROP_PIXELS_PER_SPIKE``).  ``chunk``
-    spikes at a time bound the memory.
+    Why: the full-frame float64 decode costs 20-30 ms per step at 346x260 on this CPU (no
+    float64 MKL-DNN kernels) and ~0.3 ms on an H100 (cuDNN dgrad in float64); a crop costs
+    ~0.4 MMAC, ~0.45 ms on this CPU, so crops win on CPU only for steps with few spikes (the
+    node picks per step: ``model.node.CROP_PIXELS_PER_SPIKE``).  ``chunk`` spikes at a time
+    bound the memory.
     """
     from .instances import spike_crops
 

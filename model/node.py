@@ -62,11 +62,11 @@ from .sparse import SparseSpikeSEG
 # with the threads slowing each other, 0.4 .. 0.6 measured the same within noise)
 _MASK_VS_SUPPORTS = 0.5
 
-#: the dense joint mask on CPU (``dense_decode="auto"``): the per-spike 40 x 40 crops cost
-#: about as much as a full-frame float64 decode of this many pixels per spike (measured on 2
-#: cores: crops 0.35-0.46 ms per spike, full frame 0.5-1.2 us per pixel at 64x64 .. 640x480),
-#: so a step is decoded by crops when its spikes x this < its pixels x classes, else full frame
-CROP_PIXELS_PER_SPIKE = 400
+#: the dense joint mask on CPU (``dense_decode="auto"``): a per-spike 40 x 40 crop costs
+#: about as much as a full-frame float64 decode of this many pixels (measured on 2 cores:
+#: crops 0.4-0.55 ms per spike, full frame 0.22-0.54 us per pixel at 64x64 .. 640x480), so a
+#: step is decoded by crops when its spikes x this < its pixels x classes, else full frame
+CROP_PIXELS_PER_SPIKE = 1200
 
 #: overlap pipeline: HULK-SMASH jobs in flight on the helper while the model thread encodes on
 #: (``OVERLAP_DEPTH + 1`` banks of pooling lists, ~12 MB each at 346x260)
@@ -165,8 +165,8 @@ class ModelNode(Transform):
         # the dense joint mask: full-frame transposed convs (~15 launches for every row of a
         # window) on CUDA (the crops cost ~200 launches per 512 spikes, which is what made a
         # GPU step launch-bound); on CPU whichever costs less for the step's spike count
-        # (CROP_PIXELS_PER_SPIKE: float64 has no MKL-DNN kernels there, ~90 ms per full frame
-        # at 346x260, ~0.4 ms per spike's crop).  Same masks bit for bit either way.
+        # (CROP_PIXELS_PER_SPIKE: float64 has no MKL-DNN kernels there, 20-30 ms per full
+        # frame at 346x260, ~0.45 ms per spike's crop).  Same masks bit for bit either way.
         self._decode_choice = "cost" if dense_decode == "auto" and cpu else ("crops" if dense_decode == "crops" else "full")
         if mc.compile is True and not self._windowed:
             raise UsageError(

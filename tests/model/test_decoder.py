@@ -182,3 +182,17 @@ def test_crop_decoder_equals_full_frame_decoder() -> None:
         crops = decode_mask_crops(out, w1, w2, w3, gate, 0.0, chunk=50)
         assert int(out.classification_spikes.sum()) > 100 and 0 < int((full > 0).sum()) < full.numel()
         assert torch.equal(full, crops)
+
+
+def test_few_input_channel_transposed_conv_equals_conv_transpose2d() -> None:
+    """The CPU form of the first decoder conv (classes -> 36, a forward conv with the flipped
+    kernel) equals ``conv_transpose2d`` bit for bit: binary spikes, grid weights, odd sizes."""
+    from model.decoder import _transposed_conv_few_in
+    from model.encoder import quantize_weights
+
+    g = torch.Generator().manual_seed(5)
+    for n_cls, (h, w) in ((1, (9, 13)), (3, (16, 11))):
+        x = (torch.rand(2, n_cls, h, w, generator=g) < 0.2).double()
+        wt = quantize_weights(torch.rand(n_cls, 36, 7, 7, generator=g)).double()
+        got = _transposed_conv_few_in(x, wt, 3)
+        assert got.shape == (2, 36, h, w) and torch.equal(got, F.conv_transpose2d(x, wt, padding=3))

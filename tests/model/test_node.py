@@ -631,6 +631,8 @@ def test_cpu_dense_joint_mask_picks_the_cheaper_decoder_with_the_same_masks(monk
     shape = torch.Size((1, 1, SIZE.height // 4, SIZE.width // 4))
     px = SIZE.height * SIZE.width
     auto = _node(path="dense")
+    # a break-even between these steps' counts (1,280 px / 25 = 51 spikes), so auto uses both
+    monkeypatch.setattr(node_mod, "CROP_PIXELS_PER_SPIKE", 25)
     per = node_mod.CROP_PIXELS_PER_SPIKE
     assert auto._use_full_decode(shape, -(-px // per))  # many spikes for the pixels: full frame
     assert not auto._use_full_decode(shape, px // per - 1)  # few: crops
@@ -645,8 +647,6 @@ def test_cpu_dense_joint_mask_picks_the_cheaper_decoder_with_the_same_masks(monk
             runs[decode] = [node.process(s)[0] for s in steps]
         finally:
             node.close()
-    # a break-even between these steps' counts (1,280 px / 25 = 51 spikes), so auto uses both
-    monkeypatch.setattr(node_mod, "CROP_PIXELS_PER_SPIKE", 25)
     used: list[str] = []
     for name in ("decode_mask", "decode_mask_crops"):
         real = getattr(node_mod, name)

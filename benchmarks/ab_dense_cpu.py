@@ -30,16 +30,6 @@ from stream.node import RunContext
 WARM_STEPS = 100  # the scene's first steps, before Conv2/Conv3 reach their steady activity
 
 
-def _size(text: str) -> SensorSize:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"size {text!r} is not WIDTHxHEIGHT; use e.g. 346x260") from None
-    if w < 4 or h < 4:
-        raise SystemExit(f"size {text!r} is too small; width and height must be >= 4")
-    return SensorSize(w, h)
-
-
 def compare(size: SensorSize, n_steps: int, rounds: int) -> dict[str, float]:
     """Median steps/s of both decoders at ``size`` and the per-round ratios (auto / crops)."""
     from model.node import ModelNode
@@ -89,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--steps, --rounds and --threads must be >= 1")
     torch.set_num_threads(a.threads)
     for text in a.sizes.split(","):
-        size = _size(text.strip())
+        try:
+            size = inputs.parse_size(text.strip())
+        except ValueError as e:
+            raise SystemExit(f"--sizes: {e}") from None
         r = compare(size, a.steps, a.rounds)
         print(f"{size.width}x{size.height} scene, {r['conv3_per_step']:.0f} Conv3 spikes/step, instances on: "
               f"crops {r['crops']:.1f} steps/s, per-step choice {r['auto']:.1f} steps/s, ratio {r['ratio']:.2f} "

@@ -119,18 +119,17 @@ def _inputs(kind: str, size: Any, n: int, cfg: Any) -> list[Any]:
 
 
 def run(rev: str, rounds: int, overlap: bool, kind: str, size_text: str, n_steps: int) -> dict[str, Any]:
+    from benchmarks import inputs
     from benchmarks.bench_model import model_config
-    from stream.events import SensorSize
     from stream.metrics import Metrics
     from stream.node import RunContext
 
     try:
-        w, h = (int(v) for v in size_text.lower().split("x"))
-    except ValueError:
-        raise ABError(f"--size {size_text!r} is not allowed; use WIDTHxHEIGHT, e.g. 346x260") from None
+        size = inputs.parse_size(size_text)
+    except ValueError as e:
+        raise ABError(f"--size {e}") from None
     if rounds < 1 or n_steps < 1:
         raise ABError("--rounds and --steps must be >= 1")
-    size = SensorSize(w, h)
     torch.set_num_threads(1)  # as the engine runs the model
     tmp = tempfile.TemporaryDirectory(prefix="spikestream-ab-")
     pkg = extract(rev, Path(tmp.name))

@@ -28,6 +28,18 @@ REAL_DIR = Path(
 )
 
 
+def parse_size(text: str) -> SensorSize:
+    """``WIDTHxHEIGHT`` (e.g. ``346x260``) as a :class:`SensorSize`; ``ValueError`` with a one-line
+    reason otherwise (the model needs width and height >= 4)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not WIDTHxHEIGHT; use e.g. 346x260") from None
+    if w < 4 or h < 4:
+        raise ValueError(f"{text!r} is too small; width and height must be >= 4")
+    return SensorSize(w, h)
+
+
 def bin_steps(events: np.ndarray, size: SensorSize, bin_us: int = 1000, labels: np.ndarray | None = None) -> list[Step]:
     """All steps of ``events`` (sorted) with 1-ms bins, empty bins included, on CPU."""
     b = Binner(build(BinnerConfig, {"bin_us": bin_us}), size)

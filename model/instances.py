@@ -85,6 +85,10 @@ class InstanceState:
     seen: np.ndarray = field(default_factory=lambda: np.zeros(1, np.uint8))
     seen_stamp: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
     tracks: list[tuple[int, int, tuple[int, int, int, int]]] = field(default_factory=list)
+    # ``tracks`` as (n, 5) int64 rows ``cls, x0, y0, x1, y1``, valid while ``tracks`` is the
+    # list ``track_src`` (track_groups sets both; anything that replaces ``tracks`` drops them)
+    track_rows: np.ndarray | None = None
+    track_src: list[Any] | None = None
     next_id: int = 1
     skipped_spikes: int = 0  # spikes beyond max_spikes in the last step
 
@@ -135,13 +139,27 @@ def _record(hist: np.ndarray, slot: int, written: np.ndarray, n_old: int, s2: np
     for j in range(n_old):
         hist[written[j], slot] = 0
     n = 0
+    # a position's spikes come together (Conv2 emits them position by position): OR them
+    # into one word and write it once (any order stays correct: a position seen again is
+    # ORed in again and listed once)
+    cur = -1
+    acc = np.uint64(0)
     for i in range(s2.shape[0]):
         pos = s2[i] // N_FEATURES
-        bit = np.uint64(1) << np.uint64(s2[i] - pos * N_FEATURES)
-        if hist[pos, slot] == 0:  # every spike sets a bit, so 0 means "not listed yet"
-            written[n] = pos
+        if pos != cur:
+            if cur >= 0:
+                if hist[cur, slot] == 0:  # every spike sets a bit, so 0 means "not listed yet"
+                    written[n] = cur
+                    n += 1
+                hist[cur, slot] |= acc
+            cur = pos
+            acc = np.uint64(0)
+        acc |= np.uint64(1) << np.uint64(s2[i] - pos * N_FEATURES)
+    if cur >= 0:
+        if hist[cur, slot] == 0:
+            written[n] = cur
             n += 1
-        hist[pos, slot] |= bit
+        hist[cur, slot] |= acc
     return n
 
 
@@ -435,9 +453,12 @@ def track_groups(groups: np.ndarray, state: InstanceState, track_iou: float) -> 
     boxes = np.ascontiguousarray(groups[:, :5])
     match: list[int] = []
     if n_o and prev:
-        tracked = np.array([[c, *bb] for _i, c, bb in prev], np.int64)
+        tracked = state.track_rows
+        if tracked is None or state.track_src is not prev:  # tracks set elsewhere (reset, tests)
+            tracked = np.array([[c, *bb] for _i, c, bb in prev], np.int64).reshape(-1, 5)
         match = _match(boxes, tracked, float(track_iou)).tolist()
     out = []
+    tracks = []
     nid = state.next_id
     for i, (cls, x0, y0, x1, y1, area) in enumerate(groups.tolist()):
         if match and match[i] >= 0:
@@ -445,9 +466,12 @@ def track_groups(groups: np.ndarray, state: InstanceState, track_iou: float) -> 
         else:
             oid = nid
             nid += 1
-        out.append(Instance(oid, cls, (x0, y0, x1, y1), area))  # positional: ~0.5 µs less each
+        bbox = (x0, y0, x1, y1)
+        out.append(Instance(oid, cls, bbox, area))  # positional: ~0.5 µs less each
+        tracks.append((oid, cls, bbox))
     state.next_id = nid
-    state.tracks = [(inst.id, inst.cls, inst.bbox) for inst in out]
+    state.tracks = state.track_src = tracks
+    state.track_rows = boxes  # the rows of ``tracks``, for the next step's matching
     return out
 
 
@@ -549,10 +573,9 @@ def sparse_hulk(
     args, (offsets, _pixels, _bboxes) = model.supports_args(sstate, spikes, scratch, at)
     n = state.hist.shape[1]
     slot = (state.slot + 1) % n
-    classes = np.ascontiguousarray(spikes % model.n_classes + 1, dtype=np.int64)
     n_written, groups = _hulk(
         *args, state.hist, slot, state.written[slot], int(state.n_written[slot]),
-        np.ascontiguousarray(out.s2, dtype=np.int64), state.qmark, state.qstamp, classes, float(params.smash_tau),
+        np.ascontiguousarray(out.s2, dtype=np.int64), state.qmark, state.qstamp, float(params.smash_tau),
         state.seen, state.seen_stamp,
     )
     state.n_written[slot] = n_written
@@ -580,7 +603,7 @@ def _hulk(
     blk: np.ndarray, nsl: np.ndarray, p1_pos: np.ndarray, n_p1: int, row_beg: np.ndarray, row_x: np.ndarray,
     bblk: np.ndarray, bslot: np.ndarray, bmark: np.ndarray, shared: bool,
     hist: np.ndarray, slot: int, written: np.ndarray, n_old: int, s2: np.ndarray,
-    qmark: np.ndarray, qstamp: int, classes: np.ndarray, tau: float, seen: np.ndarray, seen_stamp: np.ndarray,
+    qmark: np.ndarray, qstamp: int, tau: float, seen: np.ndarray, seen_stamp: np.ndarray,
 ) -> tuple[int, np.ndarray]:
     """Per-spike supports (``model.sparse._decode_batch``), the Conv2 history push
     (:func:`_record`), ASH (:func:`_ash`) and SMASH grouping (:func:`_group_all`) as one
@@ -600,6 +623,7 @@ def _hulk(
     if spikes.shape[0] == 0:
         return n_written, np.zeros((0, 6), np.int64)
     ash = _ash(offsets, pixels, w, h2, w2, hist, slot, qmark, qstamp)
+    classes = spikes % n_cls + 1  # 1-based class per spike
     return n_written, _group_all(offsets, pixels, bboxes, classes, ash, seen, seen_stamp, tau)
 
 

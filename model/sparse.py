@@ -1912,7 +1912,8 @@ class SparseSpikeSEG:
 
         The mask is written into ``out.mask`` (all zeros after ``decode=False``)."""
         n_lit = self._decode_mask(out.s3, out.mask, state) if len(out.s3) else 0
-        return out._replace(lit=state.scratch["lit"][:n_lit].copy())
+        # positional, not ``_replace`` (~2 µs of Python per step); ``lit`` is the last field
+        return SparseOutput(*out[:-1], state.scratch["lit"][:n_lit].copy())
 
     def decode_scratch(self, state: SparseState) -> dict[str, np.ndarray]:
         """Private decoder buffers for :meth:`spike_supports` on another thread (same state)."""

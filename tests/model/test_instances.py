@@ -18,6 +18,7 @@ from model.instances import (
     instances_step,
     jaccard,
     onehot_spikes,
+    record_conv2,
     select_spikes,
     sparse_hulk,
     sparse_instances,
@@ -154,6 +155,39 @@ def test_stable_ids_while_moving_new_ids_never_reused_and_reset() -> None:
     st2 = fresh_instance_state(48, W, p)
     assert [i.id for i in track([(1, (2, 5, 12, 15), 100)], st2, p.track_iou)] == [1]
 
+
+
+def test_tracking_reuses_its_rows_and_notices_tracks_replaced_from_outside() -> None:
+    """track_groups keeps the last step's rows for matching; tracks set from outside (a reset,
+    the node's warm-up) must be matched as they are, not through those rows."""
+    p = InstanceParams()
+    st = fresh_instance_state(48, W, p)
+    a, b = (1, (2, 5, 12, 15), 100), (1, (40, 30, 50, 40), 100)
+    assert [i.id for i in track([a, b], st, p.track_iou)] == [1, 2]
+    assert st.track_rows is not None and st.track_src is st.tracks
+    assert [i.id for i in track([b, a], st, p.track_iou)] == [2, 1]  # matched through the kept rows
+    st.tracks = [(7, 1, (2, 5, 12, 15))]  # replaced: the kept rows (b's, then a's) are stale
+    assert [i.id for i in track([a], st, p.track_iou)] == [7]
+    st.tracks = []
+    assert [i.id for i in track([b], st, p.track_iou)] == [3]
+
+
+def test_conv2_history_push_does_not_depend_on_spike_order() -> None:
+    """The push ORs a position's run of spikes into one word: grouped, sorted and shuffled
+    spike lists (a position seen again later) give the same history and position lists."""
+    p = InstanceParams(ash_window=3)
+    rng = np.random.default_rng(5)
+    states = [fresh_instance_state(48, W, p) for _ in range(3)]
+    for _ in range(5):  # more steps than slots: old slots are cleared and reused
+        s2 = np.unique(rng.integers(0, 24 * 32 * 36, 400))
+        for st, order in zip(states, (s2, s2[::-1], rng.permutation(s2))):
+            record_conv2(st, order)
+        ref = states[0]
+        for st in states[1:]:
+            assert np.array_equal(st.hist, ref.hist) and np.array_equal(st.n_written, ref.n_written)
+            for k in range(3):
+                n = int(ref.n_written[k])
+                assert sorted(st.written[k, :n]) == sorted(ref.written[k, :n])
 
 def test_ash_uses_conv2_history_in_support() -> None:
     p = InstanceParams(ash_window=3)

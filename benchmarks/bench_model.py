@@ -115,8 +115,7 @@ def time_node(node: Any, steps: list[Step], settings: BenchSettings, budget_s: f
     # mask fresh memory: ~5 % of a sparse step in page faults that the pipeline does not pay)
     mb = load_config()["engine"].max_batch
 
-    def work() -> float:
-        node.reset()
+    def work() -> float:  # node.reset() before each call, untimed (measure_rate's setup)
         for i in range(0, n, mb):
             # more steps queued behind this batch, as the engine tells the node (``more``)
             for _ in node.iter_batch(run[i:i + mb], more=lambda i=i: i + mb < n):
@@ -126,7 +125,7 @@ def time_node(node: Any, steps: list[Step], settings: BenchSettings, budget_s: f
         _sync(dev)
         return float(n)
 
-    return measure_rate(work, settings), spikes, n
+    return measure_rate(work, settings, setup=node.reset), spikes, n
 
 
 def _row_extra(spikes: dict[str, float], n: int, **more: Any) -> dict[str, Any]:
@@ -358,11 +357,12 @@ def run_peers(results: Results, settings: BenchSettings, node: Any, steps: list[
         block = frames[:n]
 
         def work(peer: Any = peer, block: list[Any] = block) -> float:
-            peer.reset()
             peer.run(block)
             return float(len(block))
 
-        st = measure_rate(work, BenchSettings(repeats=min(settings.repeats, 3), warmup=settings.warmup, tiny=settings.tiny))
+        # reset untimed, as for our node (time_node)
+        st = measure_rate(work, BenchSettings(repeats=min(settings.repeats, 3), warmup=settings.warmup, tiny=settings.tiny),
+                          setup=peer.reset)
         results.add(Row(sec, f"{label}: {peer.name}", st, "steps/s", extra={"equal_to_ours": equal, **diff}))
         ratio = ours.median / st.median if st.median > 0 else math.nan
         rs = Stat(ratio, ours.min / st.max if st.max else math.nan, ours.max / st.min if st.min else math.nan, st.n)

@@ -32,6 +32,26 @@ def test_measure_rate_reports_median_min_max() -> None:
     assert st.n == 3 and st.min <= st.median <= st.max and st.median > 0
 
 
+
+def test_measure_rate_runs_setup_before_every_call_outside_the_timing() -> None:
+    """``setup`` (a state reset) runs before each warm-up and timed call and is not timed: a
+    slow setup leaves the rate of a fast ``work`` high."""
+    import time
+
+    log: list[str] = []
+
+    def setup() -> None:
+        log.append("setup")
+        time.sleep(0.05)
+
+    def work() -> float:
+        log.append("work")
+        return 1000.0
+
+    st = measure_rate(work, BenchSettings(repeats=2, warmup=1), setup=setup)
+    assert log == ["setup", "work"] * 3
+    assert st.min > 1000.0 / 0.05  # 50 ms of setup per call would cap it at 20,000/s
+
 def test_row_marks_targets() -> None:
     assert Row("x", "fast", Stat(3.0, 2.0, 4.0, 3), "u", ">= 2", 2.0).met is True
     assert Row("x", "slow", Stat(1.0, 1.0, 1.0, 1), "u", ">= 2", 2.0).met is False

@@ -155,7 +155,8 @@ def _record(hist: np.ndarray, slot: int, written: np.ndarray, n_old: int, s2: np
             cur = pos
             acc = np.uint64(0)
         acc |= np.uint64(1) << np.uint64(s2[i] - pos * N_FEATURES)
-    if cur >= 0:
+    if cur >= 0:  # the last run (written out twice on purpose: a sentinel iteration or an
+        # inlined helper measured 10-50 % slower in this loop)
         if hist[cur, slot] == 0:
             written[n] = cur
             n += 1
